@@ -1,0 +1,345 @@
+"""Thin fusepy adapter: serve a :class:`memfs.sysfs.kernfs.Tree` as a mount.
+
+All semantics come from the tree; this module only maps FUSE operations to
+``Tree.resolve`` and the node callbacks, with sysfs-like behaviour:
+
+* attributes are ``S_IFREG`` with ``st_size`` 4096 whatever their content;
+* opening takes a snapshot of ``show()``; reads are served from it, and a read
+  at offset 0 after the handle has already returned data regenerates it
+  (like seq_file after ``lseek(fd, 0, SEEK_SET)``);
+* every ``write(2)`` is one complete ``store()`` of (at most 4096 bytes of)
+  its buffer, whatever the file offset;
+* an attribute whose ``alive()`` turned false fails I/O with ``ENODEV``;
+* the namespace is immutable from userspace (create/mkdir/unlink/... fail).
+
+Any unexpected exception is logged and turned into ``EIO``.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import fuse as _fusepy  # fusepy (top-level module "fuse"), not this module
+
+from memfs.sysfs.kernfs import Attr, DirNode, Link, Node, Tree
+
+__all__ = ["SysfsOperations", "serve", "STORE_MAX", "ATTR_SIZE"]
+
+log = logging.getLogger(__name__)
+
+#: Longest buffer handed to ``store()`` (sysfs truncates writes to PAGE_SIZE).
+STORE_MAX = 4096
+#: ``st_size`` of every attribute (sysfs reports PAGE_SIZE, not the content size).
+ATTR_SIZE = 4096
+
+_O_ACCMODE = os.O_ACCMODE
+
+
+class _Handle:
+    """State of one open attribute file (one FUSE ``fh``)."""
+
+    __slots__ = ("attr", "data", "dirty")
+
+    def __init__(self, attr: Attr, data: bytes | None) -> None:
+        self.attr = attr
+        self.data = data  # snapshot of show(); None if not opened for reading
+        self.dirty = False  # some read already returned data from `data`
+
+
+def _encode(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8")
+
+
+def _err(code: int) -> _fusepy.FuseOSError:
+    return _fusepy.FuseOSError(code)
+
+
+class SysfsOperations(_fusepy.Operations):
+    """fusepy ``Operations`` serving a :class:`Tree` with sysfs semantics."""
+
+    use_ns = True  # timestamps in integer nanoseconds (silences fusepy warning)
+
+    def __init__(self, tree: Tree, *, ready: Callable[[], None] | None = None) -> None:
+        self.tree = tree
+        self._ready = ready
+        self._handles: dict[int, _Handle] = {}
+        self._lock = threading.Lock()
+        self._fh_counter = itertools.count(1)
+        now = time.time_ns()
+        self._times = {"st_atime": now, "st_mtime": now, "st_ctime": now}
+        self._dir_stat = self._mkstat(stat.S_IFDIR | 0o755, 2, 0)
+        self._attr_stats: dict[int, dict[str, int]] = {}
+        # Cached stat dicts are shared between calls; fusepy only reads them.
+        self._dir_dtype = {"st_mode": stat.S_IFDIR | 0o755}
+        self._reg_dtype = {"st_mode": stat.S_IFREG | 0o444}
+        self._lnk_dtype = {"st_mode": stat.S_IFLNK | 0o777}
+
+    # -- helpers ---------------------------------------------------------
+
+    def _mkstat(self, mode: int, nlink: int, size: int) -> dict[str, int]:
+        st = {"st_mode": mode, "st_nlink": nlink, "st_size": size,
+              "st_uid": 0, "st_gid": 0, "st_blksize": 4096, "st_blocks": 0}
+        st.update(self._times)
+        return st
+
+    def _stat(self, node: Node) -> dict[str, int]:
+        if isinstance(node, Attr):
+            st = self._attr_stats.get(node.mode)
+            if st is None:
+                st = self._attr_stats[node.mode] = self._mkstat(
+                    stat.S_IFREG | node.mode, 1, ATTR_SIZE)
+            return st
+        if isinstance(node, DirNode):
+            return self._dir_stat
+        if isinstance(node, Link):
+            return self._mkstat(stat.S_IFLNK | 0o777, 1, len(_encode(node.target)))
+        raise TypeError(f"not a kernfs node: {node!r}")
+
+    def _dtype_stat(self, node: Node) -> dict[str, int]:
+        if isinstance(node, Attr):
+            return self._reg_dtype
+        if isinstance(node, DirNode):
+            return self._dir_dtype
+        return self._lnk_dtype
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise _err(errno.EBADF)
+        return h
+
+    # -- dispatch: every operation goes through here ----------------------
+
+    def __call__(self, op: str, *args: Any) -> Any:
+        method = getattr(self, op, None)
+        if method is None:
+            raise _err(errno.ENOSYS)
+        try:
+            return method(*args)
+        except OSError as e:
+            if isinstance(e.errno, int) and e.errno > 0:
+                if type(e) is _fusepy.FuseOSError:
+                    raise
+                raise _err(e.errno) from None
+            log.error("memfs: %s(%r) raised %r without a valid errno; returning EIO",
+                      op, args[0] if args else None, e)
+            raise _err(errno.EIO) from None
+        except Exception as e:  # never let a traceback escape into fusepy
+            log.error("memfs: %s(%r) failed: %s: %s; returning EIO",
+                      op, args[0] if args else None, type(e).__name__, e)
+            log.debug("memfs: traceback of failed %s", op, exc_info=True)
+            raise _err(errno.EIO) from None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        """Called by libfuse once the kernel handshake (FUSE_INIT) is done."""
+        ready = self._ready
+        if ready is not None:
+            self._ready = None
+            try:
+                ready()
+            except Exception:  # init may not fail; just report it
+                log.exception("memfs: ready() callback failed")
+
+    def destroy(self, path: str) -> None:
+        with self._lock:
+            self._handles.clear()
+
+    # -- namespace --------------------------------------------------------
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        if fh:  # fstat on an open attribute: works even if it was removed
+            h = self._handles.get(fh)
+            if h is not None:
+                return self._stat(h.attr)
+        return self._stat(self.tree.resolve(path))
+
+    def readdir(self, path: str, fh: int) -> Iterator[tuple[str, dict[str, int], int]]:
+        node = self.tree.resolve(path)
+        if not isinstance(node, DirNode):
+            raise _err(errno.ENOTDIR)
+        # libfuse only takes the file type (d_type) from these stats, so pass
+        # st_mode alone: fusepy copies every key into a struct per entry.
+        # Materialized here so lookup errors surface as errnos, not midway
+        # through fusepy's iteration.
+        dtype_of = self._dtype_stat
+        d = self._dir_dtype
+        out = [(".", d, 0), ("..", d, 0)]
+        out.extend((name, dtype_of(child), 0) for name, child in node.entries())
+        return iter(out)
+
+    def readlink(self, path: str) -> str:
+        node = self.tree.resolve(path)
+        if not isinstance(node, Link):
+            raise _err(errno.EINVAL)
+        return node.target
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0,
+                "f_bavail": 0, "f_files": 0, "f_ffree": 0, "f_favail": 0,
+                "f_namemax": 255}
+
+    # -- file I/O ---------------------------------------------------------
+
+    def open(self, path: str, flags: int) -> int:
+        node = self.tree.resolve(path)
+        if not isinstance(node, Attr):
+            # The kernel never opens dirs/links through FUSE open().
+            raise _err(errno.EISDIR if isinstance(node, DirNode) else errno.ELOOP)
+        acc = flags & _O_ACCMODE
+        want_read = acc != os.O_WRONLY
+        want_write = acc != os.O_RDONLY
+        # sysfs refuses these even to root (no show/store, or mode bits off).
+        if (want_write and not node.writable) or (want_read and not node.readable):
+            raise _err(errno.EACCES)
+        if not node.is_alive():
+            raise _err(errno.ENODEV)
+        data = _encode(node.show()) if want_read else None  # type: ignore[misc]
+        fh = next(self._fh_counter)
+        with self._lock:
+            self._handles[fh] = _Handle(node, data)
+        return fh
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        h = self._handle(fh)
+        attr = h.attr
+        if not attr.is_alive():
+            raise _err(errno.ENODEV)
+        data = h.data
+        if data is None:
+            raise _err(errno.EBADF)
+        if offset == 0 and h.dirty:  # re-read from the start: fresh snapshot
+            data = h.data = _encode(attr.show())  # type: ignore[misc]
+        chunk = data[offset:offset + size]
+        if chunk:
+            h.dirty = True
+        return chunk
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        attr = self._handle(fh).attr
+        if not attr.is_alive():
+            raise _err(errno.ENODEV)
+        n = len(data)
+        if n == 0:
+            return 0
+        attr.store(data[:STORE_MAX] if n > STORE_MAX else data)  # type: ignore[misc]
+        return n  # the whole buffer counts as consumed, as sysfs stores do
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        # No-op for attributes so `echo x > attr` (O_TRUNC) works.
+        h = self._handles.get(fh) if fh else None
+        node: Node = h.attr if h is not None else self.tree.resolve(path)
+        if isinstance(node, DirNode):
+            raise _err(errno.EISDIR)
+        if not isinstance(node, Attr):
+            raise _err(errno.EINVAL)
+        return 0
+
+    def flush(self, path: str, fh: int) -> int:
+        return 0
+
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        return 0
+
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            self._handles.pop(fh, None)
+        return 0
+
+    def utimens(self, path: str, times: Any = None) -> int:
+        self.tree.resolve(path)
+        return 0
+
+    # -- everything userspace may not do on sysfs ---------------------------
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        raise _err(errno.EACCES)
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise _err(errno.EPERM)
+
+    def mkdir(self, path: str, mode: int) -> int:
+        raise _err(errno.EPERM)
+
+    def rmdir(self, path: str) -> int:
+        raise _err(errno.EPERM)
+
+    def unlink(self, path: str) -> int:
+        raise _err(errno.EPERM)
+
+    def rename(self, old: str, new: str) -> int:
+        raise _err(errno.EPERM)
+
+    def symlink(self, target: str, source: str) -> int:
+        raise _err(errno.EPERM)
+
+    def link(self, target: str, source: str) -> int:
+        raise _err(errno.EPERM)
+
+    def chmod(self, path: str, mode: int) -> int:
+        raise _err(errno.EPERM)
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        raise _err(errno.EPERM)
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        self.tree.resolve(path)
+        raise _err(errno.ENODATA)
+
+    def listxattr(self, path: str) -> list[str]:
+        self.tree.resolve(path)
+        return []
+
+    def setxattr(self, path: str, name: str, value: bytes, options: int,
+                 position: int = 0) -> int:
+        raise _err(errno.EOPNOTSUPP)
+
+    def removexattr(self, path: str, name: str) -> int:
+        raise _err(errno.EOPNOTSUPP)
+
+
+def serve(
+    tree: Tree,
+    mountpoint: str,
+    *,
+    foreground: bool = True,
+    allow_other: bool | None = None,
+    ready: Callable[[], None] | None = None,
+    debug: bool = False,
+    **options: Any,
+) -> None:
+    """Mount ``tree`` at ``mountpoint`` and serve it until unmounted.
+
+    Blocks (with ``foreground=True``) until ``fusermount -u`` or a signal.
+    ``allow_other`` defaults to True when running as root.  ``ready()`` is
+    called once, from a FUSE thread, when the kernel has completed the mount
+    handshake and requests are being served.  Extra ``options`` are passed to
+    libfuse as ``-o key=value`` (``True`` for bare flags) and override the
+    defaults below.
+    """
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    opts: dict[str, Any] = {
+        "fsname": "memfs",
+        "subtype": "memfs",
+        "default_permissions": True,  # the kernel checks modes/uids itself
+        "direct_io": True,      # never page-cache attribute contents
+        "big_writes": True,     # one write(2) <= 128 KiB = one FUSE_WRITE
+        "entry_timeout": 0,     # blocks appear/vanish at once
+        "negative_timeout": 0,
+        "attr_timeout": 0,
+    }
+    if allow_other:
+        opts["allow_other"] = True
+    opts.update(options)
+    ops = SysfsOperations(tree, ready=ready)
+    _fusepy.FUSE(ops, mountpoint, foreground=foreground, nothreads=False,
+                 debug=debug, **opts)
