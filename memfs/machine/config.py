@@ -1,0 +1,331 @@
+"""Machine description: a TOML file (or the embedded default) turned into typed config.
+
+The keys are a contract other tools rely on (README "Machine description"). Anything
+unknown or inconsistent is refused at load with a message naming the key and the fix.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .profiles import ARCHES, DEFAULT_ARCH, DEFAULT_KERNEL, PROFILES, GiB, MiB
+
+
+class ConfigError(ValueError):
+    """A machine description the kernel could never have booted with."""
+
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """``128M``, ``1G``, ``0x8000000``, ``134217728`` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 128M, 1G or 0x8000000, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: size must not be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1), 0) * _SUFFIX[m.group(2).upper()]
+    raise ConfigError(f"{key}: expected a size like 128M, 1G or 0x8000000, got {value!r}")
+
+
+def parse_range(value: Any, key: str) -> tuple[int, int]:
+    """``"0x1000-0x9f000"`` (end exclusive) -> (start, end) in bytes."""
+    if isinstance(value, str) and "-" in value:
+        a, b = value.split("-", 1)
+        start, end = parse_size(a, key), parse_size(b, key)
+        if end > start:
+            return start, end
+    raise ConfigError(f"{key}: expected a range like \"0x100000-0x3ffe0000\" (end exclusive), got {value!r}")
+
+
+ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")
+DRIVERS = ("acpi", "probe", "dax_kmem", "virtio_mem")
+
+
+@dataclass
+class BootConfig:
+    """The kernel command line."""
+    memmap_on_memory: bool | str = True  # True/False, or "force" (6.6+)
+    memhp_default_state: str = "offline"
+    online_policy: str = "contig-zones"
+    auto_movable_ratio: int = 301
+    auto_movable_numa_aware: bool = True
+    movable_node: bool = False
+
+
+@dataclass
+class NodeConfig:
+    id: int
+    ram: list[tuple[int, int]] = field(default_factory=list)  # boot RAM, bytes, end exclusive
+    reserved: int = 0  # bytes the kernel keeps at boot (present, not managed)
+    used: int = 0  # bytes of managed memory the booted kernel has in use
+    cpus: bool = True  # a node with CPUs stays online even without memory
+
+
+@dataclass
+class DimmConfig:
+    id: str
+    size: int
+    node: int = 0
+    addr: int | None = None
+    driver: str = "acpi"
+
+
+@dataclass
+class MachineConfig:
+    kernel: str = DEFAULT_KERNEL
+    arch: str = DEFAULT_ARCH
+    struct_page_size: int = 64
+    block_size: int | str = "auto"
+    hypervisor: bool = True  # x86 probe_memory_block_size: VMs align to end of RAM
+    probe: bool = False  # CONFIG_ARCH_MEMORY_PROBE: /sys/devices/system/memory/probe
+    hotplug_base: int = 4 * GiB
+    hotplug_size: int = 23 * GiB
+    slots: int = 8
+    boot: BootConfig = field(default_factory=BootConfig)
+    nodes: list[NodeConfig] = field(default_factory=list)
+    dimms: list[DimmConfig] = field(default_factory=list)
+
+    @property
+    def profile(self):
+        return PROFILES[self.kernel]
+
+    @property
+    def arch_profile(self):
+        return ARCHES[self.arch]
+
+
+_TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "probe",
+             "hotplug", "boot", "node", "dimm"}
+_HOTPLUG_KEYS = {"base", "size", "slots"}
+_BOOT_KEYS = set(BootConfig.__dataclass_fields__)
+_NODE_KEYS = {"id", "ram", "reserved", "used", "cpus"}
+_DIMM_KEYS = {"id", "size", "node", "addr", "driver"}
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    for k in table:
+        if k not in allowed:
+            raise ConfigError(f"{where}{k}: unknown key; allowed here: {', '.join(sorted(allowed))}")
+
+
+def _bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
+
+
+def _int(v: Any, key: str) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    raise ConfigError(f"{key}: expected an integer, got {v!r}")
+
+
+def default_text() -> str:
+    return resources.files("memfs").joinpath("data/default.toml").read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                kernel: str | None = None) -> MachineConfig:
+    """Load a machine description; ``None`` means the embedded default machine."""
+    text = Path(path).read_text() if path is not None else default_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path or 'default machine'}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    if kernel is not None:
+        raw["kernel"] = kernel
+    return from_dict(raw)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    d = raw
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a table")
+    d[parts[-1]] = value
+
+
+def parse_set_value(text: str) -> Any:
+    """Value of ``--set KEY=VALUE``: TOML syntax when it parses, else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def from_dict(raw: dict[str, Any]) -> MachineConfig:
+    _check_keys(raw, _TOP_KEYS, "")
+    cfg = MachineConfig()
+    if "kernel" in raw:
+        cfg.kernel = str(raw["kernel"])
+        if cfg.kernel not in PROFILES:
+            raise ConfigError(f"kernel: unknown profile {cfg.kernel!r}; choose one of {', '.join(PROFILES)}")
+    if "arch" in raw:
+        cfg.arch = str(raw["arch"])
+        if cfg.arch not in ARCHES:
+            raise ConfigError(f"arch: unknown {cfg.arch!r}; choose one of {', '.join(ARCHES)}")
+    if "struct_page_size" in raw:
+        cfg.struct_page_size = _int(raw["struct_page_size"], "struct_page_size")
+        if cfg.struct_page_size <= 0:
+            raise ConfigError("struct_page_size: must be a positive number of bytes (64 on most kernels)")
+    if "block_size" in raw:
+        bs = raw["block_size"]
+        cfg.block_size = "auto" if bs == "auto" else parse_size(bs, "block_size")
+    if "hypervisor" in raw:
+        cfg.hypervisor = _bool(raw["hypervisor"], "hypervisor")
+    if "probe" in raw:
+        cfg.probe = _bool(raw["probe"], "probe")
+    hp = raw.get("hotplug", {})
+    _check_keys(hp, _HOTPLUG_KEYS, "hotplug.")
+    if "base" in hp:
+        cfg.hotplug_base = parse_size(hp["base"], "hotplug.base")
+    if "size" in hp:
+        cfg.hotplug_size = parse_size(hp["size"], "hotplug.size")
+    if "slots" in hp:
+        cfg.slots = _int(hp["slots"], "hotplug.slots")
+        if not 0 <= cfg.slots <= 256:
+            raise ConfigError("hotplug.slots: must be between 0 and 256")
+    cfg.boot = _boot(raw.get("boot", {}), cfg)
+    cfg.nodes = [_node(n, i) for i, n in enumerate(raw.get("node", []))]
+    if not cfg.nodes:
+        raise ConfigError("node: at least one [[node]] with boot RAM is needed, e.g. ram = [\"0x100000-0x40000000\"]")
+    cfg.dimms = [_dimm(d, i) for i, d in enumerate(raw.get("dimm", []))]
+    validate(cfg)
+    return cfg
+
+
+def _boot(t: dict, cfg: MachineConfig) -> BootConfig:
+    _check_keys(t, _BOOT_KEYS, "boot.")
+    b = BootConfig()
+    if "memmap_on_memory" in t:
+        v = t["memmap_on_memory"]
+        if isinstance(v, str) and v.lower() == "force":
+            if not cfg.profile.memmap_force:
+                raise ConfigError(f"boot.memmap_on_memory: \"force\" needs a 6.6+ kernel profile (this is {cfg.kernel})")
+            b.memmap_on_memory = "force"
+        else:
+            b.memmap_on_memory = _bool(v, "boot.memmap_on_memory")
+    if "memhp_default_state" in t:
+        b.memhp_default_state = str(t["memhp_default_state"])
+        if b.memhp_default_state not in ONLINE_TYPES:
+            raise ConfigError(f"boot.memhp_default_state: one of {', '.join(ONLINE_TYPES)}")
+    if "online_policy" in t:
+        b.online_policy = str(t["online_policy"])
+        if b.online_policy not in ("contig-zones", "auto-movable"):
+            raise ConfigError("boot.online_policy: \"contig-zones\" or \"auto-movable\"")
+    if "auto_movable_ratio" in t:
+        b.auto_movable_ratio = _int(t["auto_movable_ratio"], "boot.auto_movable_ratio")
+        if not 0 <= b.auto_movable_ratio < 1 << 32:
+            raise ConfigError("boot.auto_movable_ratio: an unsigned percentage, e.g. 301")
+    if "auto_movable_numa_aware" in t:
+        b.auto_movable_numa_aware = _bool(t["auto_movable_numa_aware"], "boot.auto_movable_numa_aware")
+    if "movable_node" in t:
+        b.movable_node = _bool(t["movable_node"], "boot.movable_node")
+    return b
+
+
+def _node(t: dict, i: int) -> NodeConfig:
+    where = f"node[{i}]."
+    _check_keys(t, _NODE_KEYS, where)
+    if "id" not in t:
+        raise ConfigError(f"{where}id: every [[node]] needs an id")
+    n = NodeConfig(id=_int(t["id"], where + "id"))
+    ram = t.get("ram", [])
+    if isinstance(ram, str):
+        ram = [ram]
+    n.ram = sorted(parse_range(r, where + "ram") for r in ram)
+    n.reserved = parse_size(t.get("reserved", 0), where + "reserved")
+    n.used = parse_size(t.get("used", 0), where + "used")
+    n.cpus = _bool(t.get("cpus", True), where + "cpus")
+    return n
+
+
+def _dimm(t: dict, i: int) -> DimmConfig:
+    where = f"dimm[{i}]."
+    _check_keys(t, _DIMM_KEYS, where)
+    if "size" not in t:
+        raise ConfigError(f"{where}size: every [[dimm]] needs a size, e.g. size = \"128M\"")
+    d = DimmConfig(id=str(t.get("id", f"dimm{i + 1}")), size=parse_size(t["size"], where + "size"))
+    d.node = _int(t.get("node", 0), where + "node")
+    if "addr" in t:
+        d.addr = parse_size(t["addr"], where + "addr")
+    d.driver = str(t.get("driver", "acpi"))
+    if d.driver not in DRIVERS:
+        raise ConfigError(f"{where}driver: one of {', '.join(DRIVERS)}")
+    return d
+
+
+def probe_memory_block_size(cfg: MachineConfig) -> int:
+    """arch/x86/mm/init_64.c probe_memory_block_size(); other arches: the section size."""
+    arch = cfg.arch_profile
+    if cfg.arch != "x86_64":
+        return arch.section_size
+    boot_end = max((end for n in cfg.nodes for _, end in n.ram), default=0)
+    if boot_end < 64 * GiB:
+        return 128 * MiB
+    if not cfg.hypervisor:
+        return 2 * GiB
+    bz = 2 * GiB
+    while bz > 128 * MiB and boot_end & (bz - 1):
+        bz >>= 1
+    return bz
+
+
+def validate(cfg: MachineConfig) -> None:
+    arch = cfg.arch_profile
+    if cfg.block_size == "auto":
+        cfg.block_size = probe_memory_block_size(cfg)
+    bs = int(cfg.block_size)
+    if bs < arch.section_size or bs & (bs - 1):
+        raise ConfigError(f"block_size: must be a power of two of at least the section size "
+                          f"({arch.section_size >> 20}M on {cfg.arch}); got {bs:#x}")
+    ids = [n.id for n in cfg.nodes]
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ConfigError("node.id: node ids must be unique and non-negative")
+    spans: list[tuple[int, int, str]] = []
+    for n in cfg.nodes:
+        for s, e in n.ram:
+            if s % arch.page_size or e % arch.page_size:
+                raise ConfigError(f"node[{n.id}].ram: range {s:#x}-{e:#x} is not page aligned ({arch.page_size:#x})")
+            spans.append((s, e, f"node {n.id} ram {s:#x}-{e:#x}"))
+        present = sum(e - s for s, e in n.ram)
+        if n.reserved + n.used > present:
+            raise ConfigError(f"node[{n.id}]: reserved + used ({(n.reserved + n.used) >> 20}M) exceed its boot RAM ({present >> 20}M)")
+    if cfg.hotplug_base % bs or cfg.hotplug_size % bs:
+        raise ConfigError(f"hotplug: base and size must be multiples of the block size ({bs:#x})")
+    seen: set[str] = set()
+    for d in cfg.dimms:
+        where = f"dimm {d.id!r}"
+        if d.id in seen:
+            raise ConfigError(f"{where}: duplicate id; give each [[dimm]] its own id")
+        seen.add(d.id)
+        if d.size == 0 or d.size % bs:
+            raise ConfigError(f"{where}: size {d.size:#x} is not a multiple of the block size {bs:#x} "
+                              f"(use e.g. size = \"{bs >> 20}M\")")
+        if d.addr is not None:
+            if d.addr % bs:
+                raise ConfigError(f"{where}: addr {d.addr:#x} is not aligned to the block size {bs:#x}")
+            spans.append((d.addr, d.addr + d.size, where))
+        if d.node not in ids:
+            raise ConfigError(f"{where}: node {d.node} is not a configured [[node]]; add one (ram may be empty)")
+    if len([d for d in cfg.dimms if d.driver == "acpi"]) > cfg.slots:
+        raise ConfigError(f"hotplug.slots: {cfg.slots} slots cannot hold the {len(cfg.dimms)} ACPI DIMMs")
+    spans.sort()
+    for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
+        if s2 < e1:
+            raise ConfigError(f"{w2} overlaps {w1}; move one of them")

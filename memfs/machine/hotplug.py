@@ -1,0 +1,782 @@
+"""The hotplug core: drivers/base/memory.c and mm/memory_hotplug.c, as a Python object.
+
+One `Machine` holds nodes, zones, memory blocks, devices and allocations. Every public
+operation takes `self.lock` (the device-hotplug lock), so writers are serialised; each
+either completes or raises OSError with the kernel's errno and changes nothing.
+Online, offline and valid_zones cost O(log n) in the number of blocks: zones keep
+sorted member lists, blocks live in a dict keyed by block id.
+"""
+from __future__ import annotations
+
+import errno
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import alloc as _alloc
+from .alloc import Allocation, Allocator
+from .blocks import (
+    MEM_GOING_OFFLINE, MEM_OFFLINE, MEM_ONLINE, MMOP_OFFLINE, MMOP_ONLINE, MMOP_ONLINE_KERNEL,
+    MMOP_ONLINE_MOVABLE, ONLINE_TYPE_NAMES, HotplugDevice, MemoryBlock, MemoryGroup,
+)
+from .config import MachineConfig, load_config
+from .events import EventLog
+from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, make_zones
+
+EHWPOISON = 133  # not in Python's errno module on every platform
+
+# x86_64 4-level paging: MAX_PHYSMEM_BITS 46; arm64: 48 (52 with LPA, not modelled)
+_MAX_PHYSMEM_BITS = {"x86_64": 46}
+
+
+@dataclass
+class Ost:
+    """An ACPI _OST report, as QEMU shows it in ACPI_DEVICE_OST events."""
+    device: str
+    source: int
+    status: int
+
+
+class Machine:
+    def __init__(self, cfg: MachineConfig) -> None:
+        self.cfg = cfg
+        self.profile = cfg.profile
+        self.arch = cfg.arch_profile
+        self.page_size = self.arch.page_size
+        self.page_shift = self.arch.page_shift
+        self.block_size = int(cfg.block_size)
+        self.pages_per_block = self.block_size >> self.page_shift
+        self.pages_per_section = self.arch.section_size >> self.page_shift
+        self.sections_per_block = self.block_size // self.arch.section_size
+        self.lock = threading.RLock()
+        self.events = EventLog()
+        self.generation = 0  # bumped by every change: cheap staleness checks for viewers
+        self.nodes: dict[int, Node] = {}
+        self.blocks: dict[int, MemoryBlock] = {}
+        self.devices: dict[str, HotplugDevice] = {}
+        self.slots: list[HotplugDevice | None] = [None] * cfg.slots
+        self.groups: dict[int, MemoryGroup] = {}
+        self._next_group = 0
+        self.allocator = Allocator(self)
+        self.ost_log: list[Ost] = []
+        self.poisoned: set[int] = set()
+        # module parameters and sysfs knobs
+        b = cfg.boot
+        self.memmap_on_memory: bool | str = b.memmap_on_memory if self.profile.memmap_on_memory else False
+        self.auto_online_blocks = b.memhp_default_state
+        self.online_policy = b.online_policy
+        self.auto_movable_ratio = b.auto_movable_ratio
+        self.auto_movable_numa_aware = b.auto_movable_numa_aware
+        self.movable_node = b.movable_node
+        # /proc/vmstat (6.11+)
+        self.nr_memmap_pages = 0
+        self.nr_memmap_boot_pages = 0
+        self._boot()
+
+    @classmethod
+    def from_config(cls, path: str | None = None, **kw) -> "Machine":
+        return cls(load_config(path, **kw))
+
+    # ------------------------------------------------------------------ sizes
+    def memory_block_memmap_size(self) -> int:
+        """Bytes of struct pages describing one memory block."""
+        return self.pages_per_block * self.cfg.struct_page_size
+
+    def memory_block_memmap_on_memory_pages(self) -> int:
+        pages = -(-self.memory_block_memmap_size() // self.page_size)
+        if self.memmap_on_memory == "force":
+            pb = self.arch.pageblock_pages
+            pages = -(-pages // pb) * pb
+        return pages
+
+    def section_memmap_pages(self) -> int:
+        return -(-self.pages_per_section * self.cfg.struct_page_size // self.page_size)
+
+    # ------------------------------------------------------------------ boot
+    def _boot(self) -> None:
+        arch = self.arch
+        for n in self.cfg.nodes:
+            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus)
+            node.online = bool(n.ram) or n.cpus
+            self.nodes[n.id] = node
+        present_sections: set[int] = set()
+        for n in self.cfg.nodes:
+            node = self.nodes[n.id]
+            for start, end in n.ram:
+                self._boot_range(node, start >> self.page_shift, end >> self.page_shift, present_sections)
+        for blk in self.blocks.values():
+            parts = blk.boot_zone_pages
+            if len(parts) == 1:
+                (zidx,) = parts
+                blk.zone = self.nodes[blk.nid].zones[zidx]
+        self.nr_memmap_boot_pages = len(present_sections) * self.section_memmap_pages()
+        if self.cfg.arch == "x86_64":  # x86 keeps the first 1 MiB reserved (since 5.13)
+            low_end = (1 << 20) >> self.page_shift
+            for n in self.cfg.nodes:
+                below = sum(max(0, min(e >> self.page_shift, low_end) - (s >> self.page_shift)) for s, e in n.ram)
+                self._reserve(self.nodes[n.id], below, low=True)
+        for n in self.cfg.nodes:
+            self._reserve(self.nodes[n.id], n.reserved >> self.page_shift, low=False)
+        for zone in self._all_zones():
+            zone.managed = zone.present - zone.reserved_boot
+        for blk in sorted(self.blocks.values(), key=lambda b: b.id):
+            self.events.emit("add", blk.devpath)
+        for n in self.cfg.nodes:
+            pages = n.used >> self.page_shift
+            if pages:
+                order = [b for b in sorted(self.blocks.values(), key=lambda b: -b.id)
+                         if b.nid == n.id and b.zone is not None and b.free > 0]
+                self.allocator.allocate(_alloc.UNMOVABLE, pages, n.id, label="kernel", order=order)
+        for d in self.cfg.dimms:
+            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver)
+        self.generation = 0
+
+    def _all_zones(self) -> Iterable[Zone]:
+        for node in self.nodes.values():
+            yield from node.zones
+
+    def _boot_range(self, node: Node, spfn: int, epfn: int, sections: set[int]) -> None:
+        """Account boot RAM [spfn, epfn): zones, blocks, node links."""
+        ppb = self.pages_per_block
+        zones = node.zones
+        pfn = spfn
+        while pfn < epfn:
+            zi = next((z.idx for z in zones if z.limit_pfn is not None and pfn < z.limit_pfn), None)
+            if zi is None:
+                zi = node.zone(ZONE_NORMAL).idx
+            zone = zones[zi]
+            zend = zone.limit_pfn if zone.limit_pfn is not None else epfn
+            bid = pfn // ppb
+            end = min(epfn, zend, (bid + 1) * ppb)
+            if zone.is_empty():
+                zone.start_pfn, zone.spanned = pfn, end - pfn
+            else:
+                zone.resize_range(pfn, end - pfn)
+            zone.present += end - pfn
+            zone.present_early += end - pfn
+            blk = self.blocks.get(bid)
+            if blk is None:
+                blk = MemoryBlock(bid, bid * ppb, ppb, node.id, state=MEM_ONLINE, dev_offline=False,
+                                  boot=True, nids=(node.id,))
+                self.blocks[bid] = blk
+            elif node.id not in blk.nids:  # a boot block spanning two nodes: last nid wins
+                blk.nids += (node.id,)
+                blk.nid = node.id
+            blk.present_pages += end - pfn
+            lo, hi, cnt = blk.boot_zone_pages.get(zi, (pfn, end, 0))
+            blk.boot_zone_pages[zi] = (min(lo, pfn), max(hi, end), cnt + end - pfn)
+            if bid not in zone.members[-1:]:
+                zone.add_member(bid)
+            node.blocks[bid] = None
+            for s in range(pfn // self.pages_per_section, (end - 1) // self.pages_per_section + 1):
+                sections.add(s)
+            pfn = end
+
+    def _reserve(self, node: Node, pages: int, low: bool) -> None:
+        """memblock reservations: `low` takes pages from pfn 0 up, else from the top down."""
+        blocks = sorted((b for b in self.blocks.values() if b.nid == node.id), key=lambda b: b.id,
+                        reverse=not low)
+        for blk in blocks:
+            if pages <= 0:
+                break
+            parts = sorted(blk.boot_zone_pages.items(), key=lambda kv: kv[1][0], reverse=not low)
+            for zidx, (lo, hi, cnt) in parts:
+                zone = node.zones[zidx]
+                room = cnt - blk.boot_reserved.get(zidx, 0)
+                take = min(room, pages)
+                if take > 0:
+                    blk.boot_reserved[zidx] = blk.boot_reserved.get(zidx, 0) + take
+                    blk.reserved += take
+                    zone.reserved_boot += take
+                    pages -= take
+
+    # ------------------------------------------------------------------ lookups
+    def block(self, bid: int) -> MemoryBlock:
+        blk = self.blocks.get(bid)
+        if blk is None:
+            raise OSError(errno.ENODEV, f"memory{bid} does not exist")
+        return blk
+
+    def block_ids(self) -> list[int]:
+        return sorted(self.blocks)
+
+    def _changed(self) -> None:
+        self.generation += 1
+
+    # ------------------------------------------------------------------ zones
+    def default_kernel_zone_for_pfn(self, nid: int, start_pfn: int, nr_pages: int) -> Zone:
+        node = self.nodes[nid]
+        for zone in node.zones:
+            if zone.name == ZONE_NORMAL:
+                return zone
+            if zone.intersects(start_pfn, nr_pages):
+                return zone
+        raise AssertionError("no ZONE_NORMAL")
+
+    def default_zone_for_pfn(self, nid: int, start_pfn: int, nr_pages: int) -> Zone:
+        kernel_zone = self.default_kernel_zone_for_pfn(nid, start_pfn, nr_pages)
+        movable_zone = self.nodes[nid].zone(ZONE_MOVABLE)
+        in_kernel = kernel_zone.intersects(start_pfn, nr_pages)
+        in_movable = movable_zone.intersects(start_pfn, nr_pages)
+        if in_kernel ^ in_movable:
+            return kernel_zone if in_kernel else movable_zone
+        return movable_zone if self.movable_node else kernel_zone
+
+    def _auto_movable_can_online_movable(self, nid: int | None, group: MemoryGroup | None, nr_pages: int) -> bool:
+        kernel_early = movable = 0
+        nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
+        for node in nodes:
+            for zone in node.zones:
+                if not zone.populated():
+                    continue
+                if zone.is_movable:
+                    movable += zone.present
+                else:
+                    kernel_early += zone.present_early - zone.cma
+                    movable += zone.cma
+        ratio = self.auto_movable_ratio
+        req_kernel = group_movable = 0
+        for g in self.groups.values():  # walk_dynamic_memory_groups, skipping `group`
+            if not g.is_dynamic or g is group or (nid is not None and g.nid != nid):
+                continue
+            pages = g.present_movable_pages * 100 // ratio - g.present_kernel_pages
+            if pages > 0:
+                req_kernel += pages
+            group_movable += g.present_movable_pages
+        if kernel_early <= req_kernel:
+            return False
+        kernel_early -= req_kernel
+        movable -= group_movable
+        if group is not None and group.is_dynamic:
+            kernel_early += group.present_kernel_pages
+        movable += nr_pages
+        return movable <= ratio * kernel_early // 100
+
+    def auto_movable_zone_for_pfn(self, nid: int, group: MemoryGroup | None, pfn: int, nr_pages: int) -> Zone:
+        if not self.auto_movable_ratio:
+            return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
+        online_pages = 0
+        if group is not None and not group.is_dynamic:
+            max_pages = group.max_pages
+            online_pages = group.present_movable_pages
+            if group.present_kernel_pages:
+                return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
+        elif group is None or group.unit_pages == nr_pages:
+            max_pages = nr_pages
+        else:
+            max_pages = group.unit_pages
+            unit_start = pfn - pfn % group.unit_pages
+            for bid in range(unit_start // self.pages_per_block,
+                             (unit_start + group.unit_pages) // self.pages_per_block):
+                b = self.blocks.get(bid)
+                if b is None or b.state != MEM_ONLINE:
+                    continue
+                if not (b.zone and b.zone.is_movable):
+                    return self.default_kernel_zone_for_pfn(nid, unit_start, nr_pages)
+                online_pages += b.nr_pages
+        remaining = max_pages - online_pages
+        if not self._auto_movable_can_online_movable(None, group, remaining):
+            return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
+        if self.auto_movable_numa_aware and not self._auto_movable_can_online_movable(nid, group, remaining):
+            return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
+        return self.nodes[nid].zone(ZONE_MOVABLE)
+
+    def zone_for_pfn_range(self, online_type: int, nid: int, group: MemoryGroup | None,
+                           start_pfn: int, nr_pages: int) -> Zone:
+        if online_type == MMOP_ONLINE_KERNEL:
+            return self.default_kernel_zone_for_pfn(nid, start_pfn, nr_pages)
+        if online_type == MMOP_ONLINE_MOVABLE:
+            return self.nodes[nid].zone(ZONE_MOVABLE)
+        if self.profile.online_policy and self.online_policy == "auto-movable":
+            return self.auto_movable_zone_for_pfn(nid, group, start_pfn, nr_pages)
+        return self.default_zone_for_pfn(nid, start_pfn, nr_pages)
+
+    def valid_zones(self, mem: MemoryBlock) -> str:
+        """valid_zones_show(), without the trailing newline."""
+        if mem.state == MEM_ONLINE:
+            if mem.zone is None:
+                return "none"
+            return mem.zone.name
+        default = self.zone_for_pfn_range(MMOP_ONLINE, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
+        names = [default.name]
+        for t in (MMOP_ONLINE_KERNEL, MMOP_ONLINE_MOVABLE):
+            z = self.zone_for_pfn_range(t, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
+            if z is not default:
+                names.append(z.name)
+        return " ".join(names)
+
+    def _shrink_zone_span(self, zone: Zone, start_pfn: int, end_pfn: int, bid: int) -> None:
+        """shrink_zone_span(): only an edge moves, to the nearest online pfn of the zone."""
+        import bisect
+        members = zone.members
+        if zone.start_pfn == start_pfn:
+            i = bisect.bisect_right(members, bid)
+            ext = self.blocks[members[i]].extent_in(zone) if i < len(members) else None
+            if ext:
+                zone.spanned = zone.end_pfn - ext[0]
+                zone.start_pfn = ext[0]
+            else:
+                zone.start_pfn = zone.spanned = 0
+        elif zone.end_pfn == end_pfn:
+            i = bisect.bisect_left(members, bid)
+            ext = self.blocks[members[i - 1]].extent_in(zone) if i > 0 else None
+            if ext:
+                zone.spanned = ext[1] - zone.start_pfn
+            else:
+                zone.start_pfn = zone.spanned = 0
+
+    # ------------------------------------------------------------------ online / offline
+    def _adjust_present(self, mem: MemoryBlock, zone: Zone, pages: int) -> None:
+        """adjust_present_page_count() (+ the present part of online_pages/offline_pages)."""
+        zone.present += pages
+        if mem.boot:
+            zone.present_early += pages
+        g = mem.group
+        if g is not None:
+            if zone.is_movable:
+                g.present_movable_pages += pages
+            else:
+                g.present_kernel_pages += pages
+
+    def memory_block_online(self, mem: MemoryBlock) -> None:
+        if self.profile.hwpoison_online and mem.hwpoison:
+            raise OSError(EHWPOISON, f"{mem.name} has hwpoisoned pages")
+        zone = self.zone_for_pfn_range(mem.online_type, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
+        v = mem.nr_vmemmap_pages
+        zone.resize_range(mem.start_pfn, mem.nr_pages)  # move_pfn_range_to_zone()
+        self._adjust_present(mem, zone, mem.present_pages)
+        zone.managed += mem.present_pages - v
+        zone.vmemmap += v
+        zone.used += mem.hwpoison
+        mem.zone = zone
+        mem.boot_zone_pages = {}
+        zone.add_member(mem.id)
+
+    def memory_block_offline(self, mem: MemoryBlock) -> None:
+        zone = mem.zone
+        if zone is None:
+            raise OSError(errno.EINVAL, f"{mem.name} spans multiple zones")
+        if mem.has_holes:
+            raise OSError(errno.EINVAL, f"{mem.name} has memory holes")
+        if mem.reserved or mem.unmovable:
+            raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failure to isolate range")
+        if not self.allocator.migrate_out(mem):
+            raise OSError(errno.EBUSY, f"{mem.name}: no room to migrate {mem.movable} movable pages")
+        v = mem.nr_vmemmap_pages
+        start, end = mem.extent_in(zone) or (mem.start_pfn, mem.end_pfn)
+        self._adjust_present(mem, zone, -mem.present_pages)
+        zone.managed -= mem.present_pages - v
+        zone.vmemmap -= v
+        zone.used -= mem.hwpoison
+        zone.remove_member(mem.id)
+        self._shrink_zone_span(zone, start, end, mem.id)
+        mem.zone = None
+        mem.boot_zone_pages = {}
+
+    def memory_block_change_state(self, mem: MemoryBlock, to_state: str, from_state: str) -> None:
+        if mem.state != from_state:
+            raise OSError(errno.EINVAL, f"{mem.name} is {mem.state}")
+        if to_state == MEM_OFFLINE:
+            mem.state = MEM_GOING_OFFLINE
+        try:
+            if to_state == MEM_ONLINE:
+                self.memory_block_online(mem)
+            else:
+                self.memory_block_offline(mem)
+        except BaseException:
+            mem.state = from_state
+            raise
+        mem.state = to_state
+        self._changed()
+
+    def memory_subsys_online(self, mem: MemoryBlock) -> None:
+        if mem.state == MEM_ONLINE:
+            return
+        if mem.online_type == MMOP_OFFLINE:  # device_online() without a type: MMOP_ONLINE
+            mem.online_type = MMOP_ONLINE
+        try:
+            self.memory_block_change_state(mem, MEM_ONLINE, MEM_OFFLINE)
+        finally:
+            mem.online_type = MMOP_OFFLINE
+
+    def memory_subsys_offline(self, mem: MemoryBlock) -> None:
+        if mem.state == MEM_OFFLINE:
+            return
+        self.memory_block_change_state(mem, MEM_OFFLINE, MEM_ONLINE)
+
+    def device_online(self, mem: MemoryBlock) -> int:
+        """drivers/base/core.c device_online(): 1 if already online, 0 on success, raises on error."""
+        if not mem.dev_offline:
+            return 1
+        self.memory_subsys_online(mem)
+        mem.dev_offline = False
+        self.events.emit("online", mem.devpath)
+        return 0
+
+    def device_offline(self, mem: MemoryBlock) -> int:
+        if mem.dev_offline:
+            return 1
+        self.memory_subsys_offline(mem)
+        mem.dev_offline = True
+        self.events.emit("offline", mem.devpath)
+        return 0
+
+    def state_store(self, bid: int, online_type: int) -> None:
+        """memoryN/state after parsing: EINVAL when already in the requested state."""
+        with self.lock:
+            mem = self.block(bid)
+            if online_type == MMOP_OFFLINE:
+                ret = self.device_offline(mem)
+            else:
+                mem.online_type = online_type  # stays set if the block is already online
+                ret = self.device_online(mem)
+            if ret:
+                raise OSError(errno.EINVAL, f"{mem.name} is already {ONLINE_TYPE_NAMES[online_type] if online_type else 'offline'}")
+
+    def online_store(self, bid: int, value: bool) -> None:
+        """memoryN/online after kstrtobool: success when already in the requested state."""
+        with self.lock:
+            mem = self.block(bid)
+            (self.device_online if value else self.device_offline)(mem)
+
+    # ------------------------------------------------------------------ parameters
+    def set_auto_online_blocks(self, name: str) -> None:
+        if name not in ONLINE_TYPE_NAMES:
+            raise OSError(errno.EINVAL, f"auto_online_blocks: one of {', '.join(ONLINE_TYPE_NAMES)}")
+        with self.lock:
+            self.auto_online_blocks = name
+            self._changed()
+
+    def set_param(self, name: str, value: object) -> None:
+        """online_policy, auto_movable_ratio, auto_movable_numa_aware (already parsed)."""
+        with self.lock:
+            if name not in ("online_policy", "auto_movable_ratio", "auto_movable_numa_aware"):
+                raise OSError(errno.EACCES, f"parameter {name} is read-only")
+            setattr(self, name, value)
+            self._changed()
+
+    # ------------------------------------------------------------------ add
+    def mhp_supports_memmap_on_memory(self, size: int | None) -> bool:
+        p, arch = self.profile, self.arch
+        if not p.memmap_on_memory or not self.memmap_on_memory:
+            return False
+        vmemmap_size = self.memory_block_memmap_size()
+        if not p.memmap_split_per_block and size != self.block_size:
+            return False
+        if not p.memmap_force:  # 5.13..6.5
+            remaining = self.block_size - vmemmap_size
+            return (vmemmap_size % arch.pmd_size == 0 and remaining > 0
+                    and remaining % (arch.pageblock_pages * self.page_size) == 0)
+        pages = self.memory_block_memmap_on_memory_pages()
+        if vmemmap_size % self.page_size or pages % arch.pageblock_pages:
+            return False
+        if pages >= self.pages_per_block:  # "no effective hotplugged memory"
+            return False
+        return vmemmap_size % arch.pmd_size == 0  # arch_supports_memmap_on_memory()
+
+    def _find_free_range(self, size: int) -> int:
+        """QEMU's first fit in the device-memory window."""
+        base, end = self.cfg.hotplug_base, self.cfg.hotplug_base + self.cfg.hotplug_size
+        addr = base
+        for s, e in sorted((d.start, d.start + d.size) for d in self.devices.values()):
+            if e <= addr:
+                continue
+            if s >= addr + size:
+                break
+            addr = max(addr, e)
+        if addr + size > end:
+            raise OSError(errno.ENOSPC, f"no free {size >> 20} MiB range in the hotplug window "
+                                        f"{base:#x}-{end:#x}")
+        return addr
+
+    def _check_range(self, start: int, size: int, nid: int) -> None:
+        if size <= 0 or start % self.block_size or size % self.block_size:
+            raise OSError(errno.EINVAL, f"range {start:#x}+{size:#x} is not aligned to the block size {self.block_size:#x}")
+        bits = _MAX_PHYSMEM_BITS.get(self.cfg.arch, 48)
+        if start + size > 1 << bits:
+            raise OSError(errno.E2BIG, f"range {start:#x}+{size:#x} is beyond the {bits}-bit physical address space")
+        if nid not in self.nodes:
+            raise OSError(errno.EINVAL, f"node {nid} is not possible")
+        first, last = start // self.block_size, (start + size) // self.block_size
+        for d in self.devices.values():
+            if d.start < start + size and start < d.start + d.size:
+                raise OSError(errno.EEXIST, f"range overlaps {d.id} at {d.start:#x}")
+        if any(bid in self.blocks for bid in range(first, min(last, first + 1 + len(self.blocks)))):
+            raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")
+
+    def add_memory(self, dev: HotplugDevice, request_memmap: bool) -> None:
+        """add_memory_resource(): blocks created offline, `add` events, node links, auto-online."""
+        self._check_range(dev.start, dev.size, dev.nid)
+        nblocks = dev.size // self.block_size
+        use_altmap = False
+        if request_memmap:
+            if self.profile.memmap_split_per_block:
+                use_altmap = self.mhp_supports_memmap_on_memory(None)
+            elif self.profile.memmap_force:  # 6.6: silent fallback
+                use_altmap = self.mhp_supports_memmap_on_memory(dev.size)
+            elif not self.mhp_supports_memmap_on_memory(dev.size):
+                raise OSError(errno.EINVAL, "memmap_on_memory requested but not supported for this range")
+            else:
+                use_altmap = True
+        memmap_pages = nblocks * self.sections_per_block * self.section_memmap_pages()
+        if not use_altmap:  # the memmap comes from RAM, the new node's first
+            a = self.allocator.allocate(_alloc.UNMOVABLE, memmap_pages, dev.nid, label=f"memmap:{dev.id}")
+            dev.memmap_allocs.append(a.id)
+        dev.memmap_on_memory = use_altmap
+        node = self.nodes[dev.nid]
+        node.online = True
+        v = 0
+        if use_altmap:
+            v = (self.memory_block_memmap_on_memory_pages() if self.profile.memmap_force
+                 else self.memory_block_memmap_size() // self.page_size)
+        first = dev.start // self.block_size
+        new = []
+        for i in range(nblocks):
+            mem = MemoryBlock(first + i, (first + i) * self.pages_per_block, self.pages_per_block, dev.nid,
+                              present_pages=self.pages_per_block, nr_vmemmap_pages=v, nids=(dev.nid,),
+                              group=dev.group, device=dev)
+            self.blocks[mem.id] = mem
+            dev.block_ids.append(mem.id)
+            new.append(mem)
+            self.events.emit("add", mem.devpath)
+        for mem in new:
+            node.blocks[mem.id] = None
+        self.nr_memmap_pages += memmap_pages
+        self.devices[dev.id] = dev
+        self._changed()
+        if self.auto_online_blocks != "offline":
+            for mem in new:
+                self._auto_online(mem)
+
+    def _auto_online(self, mem: MemoryBlock) -> None:
+        mem.online_type = ONLINE_TYPE_NAMES.index(self.auto_online_blocks)
+        try:
+            self.device_online(mem)
+        except OSError:
+            pass  # auto-online failures are ignored; the block stays offline
+
+    def _new_group(self, nid: int, dynamic: bool, pages: int) -> MemoryGroup | None:
+        if not self.profile.online_policy:
+            return None
+        g = MemoryGroup(self._next_group, nid, dynamic, max_pages=0 if dynamic else pages,
+                        unit_pages=pages if dynamic else 0)
+        self._next_group += 1
+        self.groups[g.id] = g
+        return g
+
+    def plug(self, size: int, node: int = 0, addr: int | None = None, dev_id: str | None = None,
+             driver: str = "acpi", memmap_on_memory: bool = False) -> HotplugDevice:
+        """Hot-add a device, like QEMU's device_add (acpi) or a driver binding."""
+        with self.lock:
+            if dev_id is None:
+                i = 1
+                while f"{driver}{i}" in self.devices or f"dimm{i}" in self.devices:
+                    i += 1
+                dev_id = f"dimm{i}" if driver == "acpi" else f"{driver}{i}"
+            if dev_id in self.devices:
+                raise OSError(errno.EEXIST, f"a device called {dev_id!r} exists already")
+            if size <= 0 or size % self.block_size:
+                raise OSError(errno.EINVAL, f"size {size:#x} is not a multiple of the block size {self.block_size:#x}")
+            if node not in self.nodes:
+                raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
+            slot = None
+            if driver == "acpi":
+                slot = next((i for i, d in enumerate(self.slots) if d is None), None)
+                if slot is None:
+                    raise OSError(errno.ENOSPC, f"all {len(self.slots)} DIMM slots are populated")
+            start = addr if addr is not None else self._find_free_range(size)
+            dev = HotplugDevice(dev_id, driver, start, size, node, slot=slot)
+            pages = size >> self.page_shift
+            if driver == "acpi":
+                dev.group = self._new_group(node, False, pages)
+                request = self.profile.memmap_on_memory and (
+                    self.profile.acpi_always_requests or self.mhp_supports_memmap_on_memory(size))
+            elif driver == "dax_kmem":
+                if memmap_on_memory and not (self.profile.dax_kmem_memmap and self.mhp_supports_memmap_on_memory(None)):
+                    raise OSError(errno.EOPNOTSUPP, "dax/kmem memmap_on_memory is not supported here")
+                dev.group = self._new_group(node, False, pages)
+                request = memmap_on_memory
+            elif driver == "virtio_mem":
+                dev.group = self._new_group(node, True, self.pages_per_block)
+                request = False
+            elif driver == "probe":
+                request = False
+            else:
+                raise OSError(errno.EINVAL, f"unknown driver {driver!r}")
+            try:
+                if driver == "virtio_mem":  # virtio-mem adds (and auto-onlines) block by block
+                    self._check_range(start, size, node)
+                    for i in range(size // self.block_size):
+                        part = HotplugDevice(dev_id, driver, start + i * self.block_size, self.block_size,
+                                             node, group=dev.group)
+                        self.add_memory(part, False)
+                        dev.block_ids += part.block_ids
+                        del self.devices[dev_id]
+                        dev.memmap_allocs += part.memmap_allocs
+                    self.devices[dev_id] = dev
+                else:
+                    self.add_memory(dev, request)
+            except OSError:
+                if dev.group is not None and not dev.block_ids:
+                    del self.groups[dev.group.id]
+                raise
+            if slot is not None:
+                self.slots[slot] = dev
+                self.ost_log.append(Ost(dev_id, 1, 0))
+            return dev
+
+    def probe_store(self, addr: int) -> None:
+        """memory/probe: one block at `addr`, never with memmap_on_memory."""
+        with self.lock:
+            if addr % self.block_size:
+                raise OSError(errno.EINVAL, f"{addr:#x} is not aligned to the block size")
+            nid = self.memory_add_physaddr_to_nid(addr)
+            self.plug(self.block_size, node=nid, addr=addr, dev_id=f"probe-{addr:#x}", driver="probe")
+
+    def memory_add_physaddr_to_nid(self, addr: int) -> int:
+        # x86 asks the SRAT; we take the node whose boot RAM starts highest below addr
+        below = [(s, n.id) for n in self.cfg.nodes for s, _ in n.ram if s <= addr]
+        return max(below)[1] if below else self.cfg.nodes[0].id
+
+    # ------------------------------------------------------------------ remove
+    def remove_memory(self, dev: HotplugDevice) -> None:
+        """try_remove_memory(): every block must be offline; then blocks and memmap go."""
+        blocks = [self.blocks[b] for b in dev.block_ids]
+        for mem in blocks:
+            if mem.state != MEM_OFFLINE:
+                raise OSError(errno.EBUSY, f"removing memory fails, because {mem.name} is online")
+        with_altmap = [m for m in blocks if m.nr_vmemmap_pages]
+        if with_altmap:
+            if self.profile.memmap_split_per_block:
+                if len(with_altmap) != len(blocks):
+                    raise OSError(errno.EINVAL, "mixed altmap and non-altmap blocks in one range")
+            elif len(blocks) != 1:
+                raise OSError(errno.EINVAL, "Refuse to remove: wrong granularity")
+        node = self.nodes[dev.nid]
+        for mem in blocks:
+            node.blocks.pop(mem.id, None)
+            mem.removed = True
+            del self.blocks[mem.id]
+            self.events.emit("remove", mem.devpath)
+        for aid in dev.memmap_allocs:
+            self.allocator.free(aid)
+        self.nr_memmap_pages -= len(blocks) * self.sections_per_block * self.section_memmap_pages()
+        del self.devices[dev.id]
+        if dev.slot is not None:
+            self.slots[dev.slot] = None
+        if dev.group is not None:
+            self.groups.pop(dev.group.id, None)
+        if not node.blocks and not node.cpus and not node.has_memory():
+            node.online = False
+        self._changed()
+
+    def acpi_eject(self, dev_id: str, source: int = 0x103) -> None:
+        """acpi_scan_hot_remove(): offline every block (two passes) or re-online and fail EBUSY."""
+        with self.lock:
+            dev = self.device(dev_id)
+            if dev.slot is None:
+                raise OSError(errno.ENODEV, f"{dev_id} is not an ACPI memory device")
+            self.ost_log.append(Ost(dev_id, source, 0x84))
+            blocks = [self.blocks[b] for b in dev.block_ids]
+            offlined: list[MemoryBlock] = []
+            failed: MemoryBlock | None = None
+            for second_pass in (False, True):
+                failed = None
+                for mem in blocks:
+                    try:
+                        if self.device_offline(mem) == 0:
+                            offlined.append(mem)
+                    except OSError:
+                        failed = mem
+                        if second_pass:
+                            break
+                if failed is None:
+                    break
+            if failed is not None:
+                for mem in offlined:
+                    self.device_online(mem)  # acpi_bus_online(): MMOP_ONLINE, the default zone
+                self.ost_log.append(Ost(dev_id, source, 0x82))
+                raise OSError(errno.EBUSY, f"{failed.name}: Offline failed.")
+            self.remove_memory(dev)
+            self.ost_log.append(Ost(dev_id, source, 0))
+
+    def offline_and_remove_memory(self, dev_id: str) -> None:
+        """mm's offline_and_remove_memory(): offline all, or re-online with the old zone type."""
+        with self.lock:
+            dev = self.device(dev_id)
+            blocks = [self.blocks[b] for b in dev.block_ids]
+            types = {m.id: (MMOP_OFFLINE if m.state == MEM_OFFLINE else
+                            MMOP_ONLINE_MOVABLE if m.zone and m.zone.is_movable else MMOP_ONLINE_KERNEL)
+                     for m in blocks}
+            try:
+                for mem in blocks:
+                    self.device_offline(mem)
+                self.remove_memory(dev)
+            except OSError:
+                for mem in blocks:
+                    if types[mem.id] != MMOP_OFFLINE and mem.state == MEM_OFFLINE:
+                        mem.online_type = types[mem.id]
+                        try:
+                            self.device_online(mem)
+                        except OSError:
+                            pass
+                raise
+
+    def unplug(self, dev_id: str) -> None:
+        """Remove a device the way its driver would: ACPI eject, else offline_and_remove_memory."""
+        with self.lock:
+            dev = self.device(dev_id)
+            if dev.driver == "acpi":
+                self.acpi_eject(dev_id, source=3)
+            else:
+                self.offline_and_remove_memory(dev_id)
+
+    def device(self, dev_id: str) -> HotplugDevice:
+        dev = self.devices.get(dev_id)
+        if dev is None:
+            raise OSError(errno.ENOENT, f"no device {dev_id!r}; see `memfs status` for the devices")
+        return dev
+
+    # ------------------------------------------------------------------ allocations, poison
+    def alloc(self, kind: str, size: int, nid: int | None = None, block_id: int | None = None) -> Allocation:
+        with self.lock:
+            pages = -(-size // self.page_size)
+            blk = self.block(block_id) if block_id is not None else None
+            a = self.allocator.allocate(kind, pages, nid, blk, label="user")
+            self._changed()
+            return a
+
+    def free(self, alloc_id: int) -> None:
+        with self.lock:
+            self.allocator.free(alloc_id)
+            self._changed()
+
+    def memory_failure(self, addr: int, soft: bool) -> None:
+        """soft_offline_page / hard_offline_page: poison the page at physical address `addr`."""
+        with self.lock:
+            pfn = addr >> self.page_shift
+            mem = self.blocks.get(pfn // self.pages_per_block)
+            if mem is None or (mem.boot and not any(lo <= pfn < hi for lo, hi, _ in mem.boot_zone_pages.values())
+                               and mem.boot_zone_pages):
+                raise OSError(errno.ENXIO, f"pfn {pfn:#x} is not valid")
+            if mem.state != MEM_ONLINE:
+                raise OSError(errno.EIO if soft else errno.ENXIO, f"pfn {pfn:#x} is not online")
+            if pfn in self.poisoned:
+                return
+            if mem.free <= 0:
+                raise OSError(errno.EBUSY, f"pfn {pfn:#x} is in use and cannot be isolated")
+            self.poisoned.add(pfn)
+            mem.hwpoison += 1
+            assert mem.zone is not None
+            mem.zone.used += 1
+            self._changed()
+
+    # ------------------------------------------------------------------ accounting views
+    def meminfo(self, nid: int | None = None) -> dict[str, int]:
+        """MemTotal/MemFree/MemUsed in kB, system-wide or for one node."""
+        nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
+        kb = self.page_size // 1024
+        total = sum(n.managed for n in nodes) * kb
+        free = sum(n.managed - n.used for n in nodes) * kb
+        return {"MemTotal": total, "MemFree": free, "MemUsed": total - free,
+                "HardwareCorrupted": len(self.poisoned) * kb}
