@@ -104,6 +104,8 @@ class Machine:
             node = self.nodes[n.id]
             for start, end in n.ram:
                 self._boot_range(node, start >> self.page_shift, end >> self.page_shift, present_sections)
+        for zone in self._all_zones():
+            zone.members.sort()
         for blk in self.blocks.values():
             parts = blk.boot_zone_pages
             if len(parts) == 1:
@@ -119,8 +121,9 @@ class Machine:
             self._reserve(self.nodes[n.id], n.reserved >> self.page_shift, low=False)
         for zone in self._all_zones():
             zone.managed = zone.present - zone.reserved_boot
-        for blk in sorted(self.blocks.values(), key=lambda b: b.id):
-            self.events.emit("add", blk.devpath)
+        # Boot blocks' `add` events went out before any listener existed (userspace
+        # replays them by coldplug): they use up SEQNUMs but are not kept.
+        self.events.seqnum += len(self.blocks)
         for n in self.cfg.nodes:
             pages = n.used >> self.page_shift
             if pages:
@@ -136,41 +139,40 @@ class Machine:
             yield from node.zones
 
     def _boot_range(self, node: Node, spfn: int, epfn: int, sections: set[int]) -> None:
-        """Account boot RAM [spfn, epfn): zones, blocks, node links."""
+        """Account boot RAM [spfn, epfn): zones, blocks, node links (one pass per zone)."""
         ppb = self.pages_per_block
         zones = node.zones
+        normal = node.zone(ZONE_NORMAL).idx
         pfn = spfn
         while pfn < epfn:
-            zi = next((z.idx for z in zones if z.limit_pfn is not None and pfn < z.limit_pfn), None)
-            if zi is None:
-                zi = node.zone(ZONE_NORMAL).idx
+            zi = next((z.idx for z in zones if z.limit_pfn is not None and pfn < z.limit_pfn), normal)
             zone = zones[zi]
-            zend = zone.limit_pfn if zone.limit_pfn is not None else epfn
-            bid = pfn // ppb
-            end = min(epfn, zend, (bid + 1) * ppb)
+            seg_end = min(epfn, zone.limit_pfn) if zone.limit_pfn is not None else epfn
             if zone.is_empty():
-                zone.start_pfn, zone.spanned = pfn, end - pfn
+                zone.start_pfn, zone.spanned = pfn, seg_end - pfn
             else:
-                zone.resize_range(pfn, end - pfn)
-            zone.present += end - pfn
-            zone.present_early += end - pfn
-            blk = self.blocks.get(bid)
-            if blk is None:
-                blk = MemoryBlock(bid, bid * ppb, ppb, node.id, state=MEM_ONLINE, dev_offline=False,
-                                  boot=True, nids=(node.id,))
-                self.blocks[bid] = blk
-            elif node.id not in blk.nids:  # a boot block spanning two nodes: last nid wins
-                blk.nids += (node.id,)
-                blk.nid = node.id
-            blk.present_pages += end - pfn
-            lo, hi, cnt = blk.boot_zone_pages.get(zi, (pfn, end, 0))
-            blk.boot_zone_pages[zi] = (min(lo, pfn), max(hi, end), cnt + end - pfn)
-            if bid not in zone.members[-1:]:
-                zone.add_member(bid)
-            node.blocks[bid] = None
-            for s in range(pfn // self.pages_per_section, (end - 1) // self.pages_per_section + 1):
-                sections.add(s)
-            pfn = end
+                zone.resize_range(pfn, seg_end - pfn)
+            zone.present += seg_end - pfn
+            zone.present_early += seg_end - pfn
+            sections.update(range(pfn // self.pages_per_section, (seg_end - 1) // self.pages_per_section + 1))
+            blocks, members, links = self.blocks, zone.members, node.blocks
+            for bid in range(pfn // ppb, (seg_end - 1) // ppb + 1):
+                lo, hi = max(pfn, bid * ppb), min(seg_end, (bid + 1) * ppb)
+                blk = blocks.get(bid)
+                if blk is None:
+                    blk = blocks[bid] = MemoryBlock(bid, bid * ppb, ppb, node.id, state=MEM_ONLINE,
+                                                    dev_offline=False, boot=True, nids=(node.id,))
+                elif node.id not in blk.nids:  # a boot block spanning two nodes: last nid wins
+                    blk.nids += (node.id,)
+                    blk.nid = node.id
+                blk.present_pages += hi - lo
+                part = blk.boot_zone_pages.get(zi)
+                blk.boot_zone_pages[zi] = (lo, hi, hi - lo) if part is None else \
+                    (min(part[0], lo), max(part[1], hi), part[2] + hi - lo)
+                if not members or members[-1] != bid:
+                    members.append(bid)
+                links[bid] = None
+            pfn = seg_end
 
     def _reserve(self, node: Node, pages: int, low: bool) -> None:
         """memblock reservations: `low` takes pages from pfn 0 up, else from the top down."""
