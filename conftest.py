@@ -1,0 +1,1 @@
+"""Repo-root conftest: puts the repository on sys.path so tests can import `tests.*`."""

@@ -1,0 +1,118 @@
+"""Replay both reference traces end to end through a real FUSE mount, with the shell.
+
+Every write of the trace is `echo VALUE > MNT/PATH` (or `printf`) run by bash, and the
+shell's error message must name the kernel's errno. At every dump, one bash script
+reads each file the guest read (`cat`, like the guest's lib.sh) and the results are
+compared with the dump: block files, zone counters from MNT/proc/zoneinfo, MemTotal
+from MNT/proc/meminfo. Host steps (QEMU device_add/device_del) go to the model.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from tests.fusehelpers import fuse_unavailable, mounted
+from memfs.sysfs.tree import build_tree
+from tests.replay.replayer import machine_for
+from tests.replay.traces import (
+    TRACE_A, TRACE_B, Dump, HostAdd, HostDel, Write, _parse_meminfo, _parse_zoneinfo,
+    errno_from_strerror, have_trace, load_trace,
+)
+
+pytestmark = pytest.mark.skipif(bool(fuse_unavailable()), reason=fuse_unavailable() or "")
+
+
+def sh(script: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(["timeout", "-s", "KILL", str(timeout), "bash", "-c", script, "bash", *args],
+                          capture_output=True, text=True, timeout=timeout + 5)
+
+
+def shell_write(mnt: str, w: Write) -> int | None:
+    """errno of `echo value > file` as bash reports it, None on success."""
+    cmd = 'echo "$1" > "$2"' if w.newline else 'printf "%s" "$1" > "$2"'
+    r = sh(cmd, w.value, mnt + w.path)
+    if r.returncode == 0:
+        return None
+    return errno_from_strerror(r.stderr.strip().rsplit(": ", 1)[-1])
+
+
+READ_ALL = r'''
+for f in "$@"; do
+  v=$(cat "$f" 2>/dev/null); rc=$?
+  printf '@@F %s %s\n%s\n' "$f" "$rc" "$v"
+done
+'''
+
+
+def shell_read(mnt: str, paths: list[str]) -> dict[str, str | None]:
+    r = sh(READ_ALL, *(mnt + p for p in paths))
+    out: dict[str, str | None] = {}
+    cur = None
+    for line in r.stdout.split("\n"):
+        if line.startswith("@@F "):
+            _, path, rc = line.split(" ")
+            cur = path[len(mnt):]
+            out[cur] = "" if rc == "0" else None
+        elif cur is not None and out[cur] is not None:
+            out[cur] = line if not out[cur] else out[cur] + "\n" + line
+    return {k: (v.rstrip("\n") if v is not None else None) for k, v in out.items()}
+
+
+def compare(mnt: str, dump: Dump) -> list[str]:
+    diffs = []
+    paths = [f"/sys/devices/system/memory/{b}/{a}" for b in dump.blocks
+             for a in dump.block_files(b)]
+    got = shell_read(mnt, paths + ["/proc/zoneinfo", "/proc/meminfo"])
+    for p in paths:
+        b, a = p.split("/")[-2:]
+        if got.get(p) != dump.blocks[b][a]:
+            diffs.append(f"{p}: kernel {dump.blocks[b][a]!r}, mount {got.get(p)!r}")
+    listed = sorted(n for n in os.listdir(mnt + "/sys/devices/system/memory") if n.startswith("memory"))
+    if listed != sorted(dump.blocks):
+        diffs.append(f"blocks listed: kernel {sorted(dump.blocks)}, mount {listed}")
+    for b in dump.blocks:
+        for name, target in dump.block_links(b).items():
+            mine = os.readlink(f"{mnt}/sys/devices/system/memory/{b}/{name}")
+            if mine != target:
+                diffs.append(f"{b}/{name}: kernel -> {target}, mount -> {mine}")
+    zones = _parse_zoneinfo(got["/proc/zoneinfo"] or "").get(0, {})
+    for name in ("DMA", "DMA32", "Normal", "Movable"):
+        for key in ("spanned", "present", "managed", "start_pfn"):
+            k, m = dump.zones.get(name, {}).get(key), zones.get(name, {}).get(key)
+            if k != m:
+                diffs.append(f"zone {name} {key}: kernel {k}, mount {m}")
+    mt = _parse_meminfo(got["/proc/meminfo"] or "").get("MemTotal")
+    if mt != dump.mem_total:
+        diffs.append(f"MemTotal: kernel {dump.mem_total}, mount {mt}")
+    return diffs
+
+
+@pytest.mark.parametrize("name", [TRACE_A, TRACE_B])
+def test_trace_through_mount_with_the_shell(name, tmp_path):
+    if not have_trace(name):
+        pytest.skip(f"reference trace {name} not available")
+    trace = load_trace(name)
+    machine = machine_for(trace)
+    problems: list[str] = []
+    with mounted(build_tree(machine), tmp_path, mode="thread") as m:
+        mnt = os.fspath(m)
+        for actions, dump in trace.segments():
+            for step in actions:
+                if isinstance(step, Write):
+                    if step.errno == errno.EBUSY and step.value == "offline" and step.block:
+                        bid = int(step.block[6:])  # the kernel's own allocations (see test_replay_model)
+                        if not machine.blocks[bid].unmovable:
+                            machine.alloc("unmovable", 4096, block_id=bid)
+                    got = shell_write(mnt, step)
+                    if got != step.errno:
+                        problems.append(f"{step.value!r} > {step.path}: kernel {step.errname}, "
+                                        f"mount {errno.errorcode.get(got) if got else None}")
+                elif isinstance(step, HostAdd):
+                    machine.plug(step.size, node=step.node or 0, dev_id=step.dimm_id)
+                elif isinstance(step, HostDel):
+                    machine.unplug(step.dimm_id)
+            problems += [f"dump {dump.step} ({dump.label}): {d}" for d in compare(mnt, dump)]
+    assert not problems, "\n".join(problems)
