@@ -9,9 +9,10 @@ sorted member lists, blocks live in a dict keyed by block id.
 from __future__ import annotations
 
 import errno
+import functools
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from . import alloc as _alloc
 from .alloc import Allocation, Allocator
@@ -27,6 +28,35 @@ EHWPOISON = 133  # not in Python's errno module on every platform
 
 # x86_64 4-level paging: MAX_PHYSMEM_BITS 46; arm64: 48 (52 with LPA, not modelled)
 _MAX_PHYSMEM_BITS = {"x86_64": 46}
+
+
+Journal = Callable[[str, tuple, dict, "int | None"], None]
+
+
+def journaled(fn):
+    """Record every user-visible operation (outermost call only) with its outcome.
+
+    The model is deterministic, so replaying the journal on a fresh Machine built from
+    the same description reproduces the state exactly (``Machine.replay``). The
+    journal callback runs under the hotplug lock, before the caller is answered.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: "Machine", *args: Any, **kw: Any) -> Any:
+        with self.lock:
+            self._depth += 1
+            err: int | None = None
+            try:
+                return fn(self, *args, **kw)
+            except OSError as e:
+                err = e.errno
+                raise
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self.journal is not None:
+                    self.journal(name, args, kw, err)
+    return wrapper
 
 
 @dataclass
@@ -49,6 +79,8 @@ class Machine:
         self.pages_per_section = self.arch.section_size >> self.page_shift
         self.sections_per_block = self.block_size // self.arch.section_size
         self.lock = threading.RLock()
+        self.journal: Journal | None = None  # set by persistence: called after each operation
+        self._depth = 0
         self.events = EventLog()
         self.generation = 0  # bumped by every change: cheap staleness checks for viewers
         self.nodes: dict[int, Node] = {}
@@ -423,6 +455,7 @@ class Machine:
         self.events.emit("offline", mem.devpath)
         return 0
 
+    @journaled
     def state_store(self, bid: int, online_type: int) -> None:
         """memoryN/state after parsing: EINVAL when already in the requested state."""
         with self.lock:
@@ -435,6 +468,7 @@ class Machine:
             if ret:
                 raise OSError(errno.EINVAL, f"{mem.name} is already {ONLINE_TYPE_NAMES[online_type] if online_type else 'offline'}")
 
+    @journaled
     def online_store(self, bid: int, value: bool) -> None:
         """memoryN/online after kstrtobool: success when already in the requested state."""
         with self.lock:
@@ -442,6 +476,7 @@ class Machine:
             (self.device_online if value else self.device_offline)(mem)
 
     # ------------------------------------------------------------------ parameters
+    @journaled
     def set_auto_online_blocks(self, name: str) -> None:
         if name not in ONLINE_TYPE_NAMES:
             raise OSError(errno.EINVAL, f"auto_online_blocks: one of {', '.join(ONLINE_TYPE_NAMES)}")
@@ -449,6 +484,7 @@ class Machine:
             self.auto_online_blocks = name
             self._changed()
 
+    @journaled
     def set_param(self, name: str, value: object) -> None:
         """online_policy, auto_movable_ratio, auto_movable_numa_aware (already parsed)."""
         with self.lock:
@@ -566,6 +602,7 @@ class Machine:
         self.groups[g.id] = g
         return g
 
+    @journaled
     def plug(self, size: int, node: int = 0, addr: int | None = None, dev_id: str | None = None,
              driver: str = "acpi", memmap_on_memory: bool = False) -> HotplugDevice:
         """Hot-add a device, like QEMU's device_add (acpi) or a driver binding."""
@@ -627,6 +664,7 @@ class Machine:
                 self.ost_log.append(Ost(dev_id, 1, 0))
             return dev
 
+    @journaled
     def probe_store(self, addr: int) -> None:
         """memory/probe: one block at `addr`, never with memmap_on_memory."""
         with self.lock:
@@ -672,6 +710,7 @@ class Machine:
             node.online = False
         self._changed()
 
+    @journaled
     def acpi_eject(self, dev_id: str, source: int = 0x103) -> None:
         """acpi_scan_hot_remove(): offline every block (two passes) or re-online and fail EBUSY."""
         with self.lock:
@@ -702,6 +741,7 @@ class Machine:
             self.remove_memory(dev)
             self.ost_log.append(Ost(dev_id, source, 0))
 
+    @journaled
     def offline_and_remove_memory(self, dev_id: str) -> None:
         """mm's offline_and_remove_memory(): offline all, or re-online with the old zone type."""
         with self.lock:
@@ -724,6 +764,7 @@ class Machine:
                             pass
                 raise
 
+    @journaled
     def unplug(self, dev_id: str) -> None:
         """Remove a device the way its driver would: ACPI eject, else offline_and_remove_memory."""
         with self.lock:
@@ -739,7 +780,31 @@ class Machine:
             raise OSError(errno.ENOENT, f"no device {dev_id!r}; see `memfs status` for the devices")
         return dev
 
+    @journaled
+    def synth_uevent(self, bid: int | None, action: str, extra: tuple[tuple[str, str], ...]) -> None:
+        """A write to memoryN/uevent: the event goes out, nothing else changes."""
+        if bid is None:
+            return  # the root memory device's events are filtered
+        mem = self.block(bid)
+        self.events.emit(action, mem.devpath, extra=tuple(tuple(kv) for kv in extra))
+
+    def replay(self, entries: Iterable[tuple[str, list, dict, "int | None"]]) -> int:
+        """Re-run journaled operations; returns how many gave a different outcome."""
+        mismatches = 0
+        for name, args, kw, err in entries:
+            fn = getattr(self, name, None)
+            if fn is None or getattr(fn, "__wrapped__", None) is None:
+                raise ValueError(f"journal names an unknown operation {name!r}")
+            got: int | None = None
+            try:
+                fn(*args, **kw)
+            except OSError as e:
+                got = e.errno
+            mismatches += got != err
+        return mismatches
+
     # ------------------------------------------------------------------ allocations, poison
+    @journaled
     def alloc(self, kind: str, size: int, nid: int | None = None, block_id: int | None = None) -> Allocation:
         with self.lock:
             pages = -(-size // self.page_size)
@@ -748,11 +813,13 @@ class Machine:
             self._changed()
             return a
 
+    @journaled
     def free(self, alloc_id: int) -> None:
         with self.lock:
             self.allocator.free(alloc_id)
             self._changed()
 
+    @journaled
     def memory_failure(self, addr: int, soft: bool) -> None:
         """soft_offline_page / hard_offline_page: poison the page at physical address `addr`."""
         with self.lock:

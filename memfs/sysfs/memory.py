@@ -111,10 +111,7 @@ def block_dir(m: Machine, mem: MemoryBlock) -> Dir:
 
     def uevent_store(buf: bytes) -> None:
         action, extra = parse_synth_uevent(buf)
-        with m.lock:
-            if mem.removed:
-                raise OSError(errno.ENODEV, "block removed")
-            m.events.emit(action, mem.devpath, extra=extra)
+        m.synth_uevent(mem.id, action, extra)
 
     entries: dict[str, Node] = {
         "phys_index": attr_ro(lambda: f"{mem.id:08x}\n", alive),
