@@ -89,6 +89,7 @@ class MachineConfig:
     block_size: int | str = "auto"
     hypervisor: bool = True  # x86 probe_memory_block_size: VMs align to end of RAM
     probe: bool = False  # CONFIG_ARCH_MEMORY_PROBE: /sys/devices/system/memory/probe
+    offline_latency_ms: int = 0  # how long offlining takes (migration time), for racing readers
     hotplug_base: int = 4 * GiB
     hotplug_size: int = 23 * GiB
     slots: int = 8
@@ -105,7 +106,7 @@ class MachineConfig:
         return ARCHES[self.arch]
 
 
-_TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "probe",
+_TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "probe", "offline_latency_ms",
              "hotplug", "boot", "node", "dimm"}
 _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
@@ -190,6 +191,10 @@ def from_dict(raw: dict[str, Any]) -> MachineConfig:
         cfg.hypervisor = _bool(raw["hypervisor"], "hypervisor")
     if "probe" in raw:
         cfg.probe = _bool(raw["probe"], "probe")
+    if "offline_latency_ms" in raw:
+        cfg.offline_latency_ms = _int(raw["offline_latency_ms"], "offline_latency_ms")
+        if not 0 <= cfg.offline_latency_ms <= 60_000:
+            raise ConfigError("offline_latency_ms: between 0 and 60000 milliseconds")
     hp = raw.get("hotplug", {})
     _check_keys(hp, _HOTPLUG_KEYS, "hotplug.")
     if "base" in hp:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -392,8 +393,13 @@ class Machine:
             raise OSError(errno.EINVAL, f"{mem.name} spans multiple zones")
         if mem.has_holes:
             raise OSError(errno.EINVAL, f"{mem.name} has memory holes")
+        if mem.boot and self.cfg.arch.startswith("arm64"):
+            # arm64's memory notifier vetoes offlining boot memory: NOTIFY_BAD -> EPERM
+            raise OSError(errno.EPERM, f"{mem.name} is boot memory (arm64 refuses to offline it)")
         if mem.reserved or mem.unmovable:
             raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failure to isolate range")
+        if self.cfg.offline_latency_ms:  # let `state` show going-offline, `online` readers wait
+            time.sleep(self.cfg.offline_latency_ms / 1000)
         if not self.allocator.migrate_out(mem):
             raise OSError(errno.EBUSY, f"{mem.name}: no room to migrate {mem.movable} movable pages")
         v = mem.nr_vmemmap_pages
