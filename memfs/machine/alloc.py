@@ -5,6 +5,9 @@ it fails EBUSY. Movable ones migrate to free pages elsewhere when the block goes
 or make the offline fail EBUSY when there is no room. Placement is deterministic: the
 node asked for first, then the others; zones in the buddy allocator's preference order
 (highest allowed zone first, ZONE_MOVABLE only for movable); blocks lowest first.
+A boot block that spans two zones (x86 memory0: DMA + DMA32) lends its free pages to each
+zone it is in, like the buddy allocator does; it can never be offlined, so those pages
+only ever leave it by being freed.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .blocks import MEM_ONLINE, MemoryBlock
-from .zones import ZONE_DEVICE, ZONE_MOVABLE
+from .zones import ZONE_DEVICE, ZONE_MOVABLE, Zone
 
 if TYPE_CHECKING:
     from .hotplug import Machine
@@ -30,6 +33,8 @@ class Allocation:
     pages: int
     label: str = ""
     pieces: dict[int, int] = field(default_factory=dict)  # block id -> pages
+    # pages in blocks that span zones: (block id, zone idx) -> pages
+    zone_pieces: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "kind": self.kind, "node": self.nid, "pages": self.pages,
@@ -47,8 +52,21 @@ class Allocator:
                   if z.name not in (ZONE_MOVABLE, ZONE_DEVICE)]
         return [ZONE_MOVABLE, *kernel] if kind == MOVABLE else kernel
 
-    def candidates(self, kind: str, nid: int | None, exclude: MemoryBlock | None = None) -> Iterator[MemoryBlock]:
-        """Online single-zone blocks that may take pages of `kind`, in placement order."""
+    @staticmethod
+    def room(b: MemoryBlock, zone: Zone) -> int:
+        """Free pages of `b` that belong to `zone` (0 if none or the block is not online)."""
+        if b.state != MEM_ONLINE:
+            return 0
+        if b.zone is zone:
+            return b.free
+        if b.zone is None and zone.idx in b.boot_zone_pages:  # spans zones (memory0)
+            cnt = b.boot_zone_pages[zone.idx][2]
+            return min(b.free, cnt - b.boot_reserved.get(zone.idx, 0) - b.zone_used.get(zone.idx, 0))
+        return 0
+
+    def candidates(self, kind: str, nid: int | None,
+                   exclude: MemoryBlock | None = None) -> Iterator[tuple[MemoryBlock, Zone]]:
+        """(block, zone) with free pages that may take pages of `kind`, in placement order."""
         nids = sorted(self.m.nodes)
         if nid is not None and nid in self.m.nodes:
             nids.remove(nid)
@@ -60,33 +78,40 @@ class Allocator:
                 zone = node.zone(name)
                 for bid in zone.members:
                     b = self.m.blocks[bid]
-                    if b is not exclude and b.zone is zone and b.state == MEM_ONLINE and b.free > 0:
-                        yield b
+                    if b is not exclude and self.room(b, zone) > 0:
+                        yield b, zone
 
-    def _plan(self, pages: int, blocks: Iterable[MemoryBlock]) -> list[tuple[MemoryBlock, int]] | None:
+    def _plan(self, pages: int, cands: Iterable[tuple[MemoryBlock, Zone]]
+              ) -> list[tuple[MemoryBlock, Zone, int]] | None:
         plan, left = [], pages
-        for b in blocks:
-            take = min(b.free, left)
+        for b, zone in cands:
+            take = min(self.room(b, zone), left)
             if take > 0:
-                plan.append((b, take))
+                plan.append((b, zone, take))
                 left -= take
             if left == 0:
                 return plan
         return None if left else plan
 
-    def _commit(self, a: Allocation, plan: list[tuple[MemoryBlock, int]]) -> None:
-        for b, n in plan:
-            self._charge(a, b, n)
+    def _commit(self, a: Allocation, plan: list[tuple[MemoryBlock, Zone, int]]) -> None:
+        for b, zone, n in plan:
+            self._charge(a, b, n, zone)
 
-    def _charge(self, a: Allocation, b: MemoryBlock, n: int) -> None:
+    def _charge(self, a: Allocation, b: MemoryBlock, n: int, zone: Zone | None = None) -> None:
         if a.kind == MOVABLE:
             b.movable += n
         else:
             b.unmovable += n
         b.allocs[a.id] = b.allocs.get(a.id, 0) + n
         a.pieces[b.id] = a.pieces.get(b.id, 0) + n
-        assert b.zone is not None
-        b.zone.used += n
+        if b.zone is None:  # a block spanning zones: remember which part
+            assert zone is not None
+            b.zone_used[zone.idx] = b.zone_used.get(zone.idx, 0) + n
+            key = (b.id, zone.idx)
+            a.zone_pieces[key] = a.zone_pieces.get(key, 0) + n
+        else:
+            zone = b.zone
+        zone.used += n
 
     def _uncharge(self, a: Allocation, b: MemoryBlock, n: int) -> None:
         if a.kind == MOVABLE:
@@ -103,8 +128,19 @@ class Allocator:
             a.pieces[b.id] = left
         else:
             del a.pieces[b.id]
-        assert b.zone is not None
-        b.zone.used -= n
+        if b.zone is not None:
+            b.zone.used -= n
+            return
+        node = self.m.nodes[b.nid]
+        for key in [k for k in a.zone_pieces if k[0] == b.id]:
+            take = min(n, a.zone_pieces[key])
+            a.zone_pieces[key] -= take
+            if not a.zone_pieces[key]:
+                del a.zone_pieces[key]
+            b.zone_used[key[1]] -= take
+            node.zones[key[1]].used -= take
+            n -= take
+        assert n == 0
 
     def allocate(self, kind: str, pages: int, nid: int | None = None, block: MemoryBlock | None = None,
                  label: str = "", order: Iterable[MemoryBlock] | None = None) -> Allocation:
@@ -120,9 +156,10 @@ class Allocator:
                 raise OSError(errno.EINVAL, f"{block.name} is in ZONE_MOVABLE, which takes movable allocations only")
             if block.free < pages:
                 raise OSError(errno.ENOMEM, f"{block.name} has {block.free} free pages, {pages} asked")
-            plan = [(block, pages)]
+            plan = [(block, block.zone, pages)]
         else:
-            plan = self._plan(pages, order if order is not None else self.candidates(kind, nid))
+            cands = ((b, b.zone) for b in order) if order is not None else self.candidates(kind, nid)
+            plan = self._plan(pages, cands)
             if plan is None:
                 raise OSError(errno.ENOMEM, f"no room for {pages} {kind} pages")
         a = Allocation(self.next_id, kind, nid, pages, label)
@@ -149,15 +186,15 @@ class Allocator:
             return False
         # Hand each allocation's pages on this block to the planned targets, in order.
         targets = iter(plan)
-        target, room = next(targets)
+        target, tzone, room = next(targets)
         for a in movers:
             n = a.pieces[block.id]
             self._uncharge(a, block, n)
             while n:
                 if room == 0:
-                    target, room = next(targets)
+                    target, tzone, room = next(targets)
                 take = min(n, room)
-                self._charge(a, target, take)
+                self._charge(a, target, take, tzone)
                 n -= take
                 room -= take
         return True

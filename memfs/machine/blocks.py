@@ -50,6 +50,7 @@ class MemoryBlock:
     # boot blocks: pages per zone (by zone idx); the block is in several zones if >1
     boot_zone_pages: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     boot_reserved: dict[int, int] = field(default_factory=dict)  # zone idx -> reserved pages
+    zone_used: dict[int, int] = field(default_factory=dict)  # spanning zones: zone idx -> pages used
     removed: bool = False
 
     @property

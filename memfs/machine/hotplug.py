@@ -838,12 +838,17 @@ class Machine:
                 raise OSError(errno.EIO if soft else errno.ENXIO, f"pfn {pfn:#x} is not online")
             if pfn in self.poisoned:
                 return
-            if mem.free <= 0:
+            zone = mem.zone
+            if zone is None:  # a boot block spanning zones (memory0): the zone of this pfn
+                zidx = next(i for i, (lo, hi, _) in mem.boot_zone_pages.items() if lo <= pfn < hi)
+                zone = self.nodes[mem.nid].zones[zidx]
+            if self.allocator.room(mem, zone) <= 0:
                 raise OSError(errno.EBUSY, f"pfn {pfn:#x} is in use and cannot be isolated")
             self.poisoned.add(pfn)
             mem.hwpoison += 1
-            assert mem.zone is not None
-            mem.zone.used += 1
+            if mem.zone is None:
+                mem.zone_used[zone.idx] = mem.zone_used.get(zone.idx, 0) + 1
+            zone.used += 1
             self._changed()
 
     # ------------------------------------------------------------------ accounting views
