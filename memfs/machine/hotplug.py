@@ -700,6 +700,8 @@ class Machine:
                 raise OSError(errno.EINVAL, "Refuse to remove: wrong granularity")
         node = self.nodes[dev.nid]
         for mem in blocks:
+            if mem.hwpoison:  # the memmap goes, and its PG_hwpoison pages leave num_poisoned_pages
+                self.poisoned -= {p for p in self.poisoned if mem.start_pfn <= p < mem.end_pfn}
             node.blocks.pop(mem.id, None)
             mem.removed = True
             del self.blocks[mem.id]
