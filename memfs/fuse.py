@@ -30,7 +30,8 @@ import fuse as _fusepy  # fusepy (top-level module "fuse"), not this module
 
 from memfs.sysfs.kernfs import Attr, DirNode, Link, Node, Tree
 
-__all__ = ["SysfsOperations", "serve", "STORE_MAX", "ATTR_SIZE"]
+__all__ = ["SysfsOperations", "serve", "mount_operations", "default_options", "load_binding",
+           "BINDINGS", "STORE_MAX", "ATTR_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -306,25 +307,20 @@ class SysfsOperations(_fusepy.Operations):
         raise _err(errno.EOPNOTSUPP)
 
 
-def serve(
-    tree: Tree,
-    mountpoint: str,
-    *,
-    foreground: bool = True,
-    allow_other: bool | None = None,
-    ready: Callable[[], None] | None = None,
-    debug: bool = False,
-    **options: Any,
-) -> None:
-    """Mount ``tree`` at ``mountpoint`` and serve it until unmounted.
+#: Bindings :func:`serve` can run on (``MEMFS_FUSE_BINDING`` picks the default).
+BINDINGS = ("fusepy",)
 
-    Blocks (with ``foreground=True``) until ``fusermount -u`` or a signal.
-    ``allow_other`` defaults to True when running as root.  ``ready()`` is
-    called once, from a FUSE thread, when the kernel has completed the mount
-    handshake and requests are being served.  Extra ``options`` are passed to
-    libfuse as ``-o key=value`` (``True`` for bare flags) and override the
-    defaults below.
-    """
+
+def load_binding(name: str | None = None) -> Any:
+    """The fusepy-compatible module for binding ``name`` (default: $MEMFS_FUSE_BINDING or fusepy)."""
+    name = name or os.environ.get("MEMFS_FUSE_BINDING") or "fusepy"
+    if name == "fusepy":
+        return _fusepy
+    raise ValueError(f"unknown FUSE binding {name!r}; choose one of {', '.join(BINDINGS)}")
+
+
+def default_options(allow_other: bool | None = None) -> dict[str, Any]:
+    """The libfuse ``-o`` options memfs mounts with (the benchmark's floor uses them too)."""
     if allow_other is None:
         allow_other = os.geteuid() == 0
     opts: dict[str, Any] = {
@@ -339,7 +335,40 @@ def serve(
     }
     if allow_other:
         opts["allow_other"] = True
+    return opts
+
+
+def mount_operations(ops: Any, mountpoint: str, *, binding: str | None = None,
+                     foreground: bool = True, allow_other: bool | None = None,
+                     debug: bool = False, **options: Any) -> None:
+    """Mount any fusepy-style ``Operations`` with memfs's options (blocks until unmounted)."""
+    mod = load_binding(binding)
+    opts = default_options(allow_other)
     opts.update(options)
+    mod.FUSE(ops, mountpoint, foreground=foreground, nothreads=False, debug=debug, **opts)
+
+
+def serve(
+    tree: Tree,
+    mountpoint: str,
+    *,
+    foreground: bool = True,
+    allow_other: bool | None = None,
+    ready: Callable[[], None] | None = None,
+    debug: bool = False,
+    binding: str | None = None,
+    **options: Any,
+) -> None:
+    """Mount ``tree`` at ``mountpoint`` and serve it until unmounted.
+
+    Blocks (with ``foreground=True``) until ``fusermount -u`` or a signal.
+    ``allow_other`` defaults to True when running as root.  ``ready()`` is
+    called once, from a FUSE thread, when the kernel has completed the mount
+    handshake and requests are being served.  Extra ``options`` are passed to
+    libfuse as ``-o key=value`` (``True`` for bare flags) and override
+    :func:`default_options`.  ``binding`` picks the FUSE binding (see
+    :func:`load_binding`).
+    """
     ops = SysfsOperations(tree, ready=ready)
-    _fusepy.FUSE(ops, mountpoint, foreground=foreground, nothreads=False,
-                 debug=debug, **opts)
+    mount_operations(ops, mountpoint, binding=binding, foreground=foreground,
+                     allow_other=allow_other, debug=debug, **options)

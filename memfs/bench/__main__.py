@@ -1,0 +1,5 @@
+import sys
+
+from memfs.bench.run import main
+
+sys.exit(main())

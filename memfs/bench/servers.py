@@ -1,0 +1,109 @@
+"""Daemons the benchmark mounts (each runs in its own process, in the foreground).
+
+``python -m memfs.bench.servers memfs MNT --blocks N``
+    memfs itself: a bench machine of N blocks (:mod:`memfs.bench.machines`),
+    its sysfs tree, served by :func:`memfs.fuse.serve` with the default options.
+``python -m memfs.bench.servers minimal MNT --file REL/PATH --text TEXT``
+    the floor of the binding: a fusepy filesystem serving one constant file at
+    REL/PATH (its parent directories exist, nothing else), with the same mount
+    options as memfs, the same per-operation work as little as Python allows.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import stat
+import sys
+import time
+
+
+def serve_memfs(mnt: str, blocks: int, binding: str | None, opts: dict) -> None:
+    from memfs.bench.machines import bench_machine
+    from memfs.fuse import serve
+    from memfs.sysfs.tree import build_tree
+
+    m = bench_machine(blocks)
+    tree = build_tree(m)
+    serve(tree, mnt, binding=binding, **opts)
+
+
+def serve_minimal(mnt: str, rel: str, text: str, binding: str | None, opts: dict) -> None:
+    from memfs import fuse as memfs_fuse
+
+    fusepy = memfs_fuse.load_binding(binding)
+    data = text.encode()
+    parts = [p for p in rel.split("/") if p]
+    file_path = "/" + "/".join(parts)
+    dirs = {"/"} | {"/" + "/".join(parts[:i]) for i in range(1, len(parts))}
+    now = time.time_ns()
+    base = {"st_uid": 0, "st_gid": 0, "st_atime": now, "st_mtime": now, "st_ctime": now}
+    dir_st = dict(base, st_mode=stat.S_IFDIR | 0o755, st_nlink=2, st_size=0)
+    file_st = dict(base, st_mode=stat.S_IFREG | 0o644, st_nlink=1, st_size=4096)
+    enoent = fusepy.FuseOSError(errno.ENOENT)
+
+    class Minimal(fusepy.Operations):
+        use_ns = True
+
+        def __call__(self, op, *args):  # the same dispatch shape as memfs, no try
+            return getattr(self, op)(*args)
+
+        def getattr(self, path, fh=None):
+            if path == file_path:
+                return file_st
+            if path in dirs:
+                return dir_st
+            raise enoent
+
+        def open(self, path, flags):
+            return 1
+
+        def read(self, path, size, offset, fh):
+            return data[offset:offset + size]
+
+        def write(self, path, buf, offset, fh):
+            return len(buf)
+
+        def truncate(self, path, length, fh=None):
+            return 0
+
+        def release(self, path, fh):
+            return 0
+
+        def readdir(self, path, fh):
+            return [".", ".."]
+
+    memfs_fuse.mount_operations(Minimal(), mnt, binding=binding, **opts)
+
+
+def _opt(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        return key, True
+    return key, int(value) if value.lstrip("-").isdigit() else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m memfs.bench.servers")
+    ap.add_argument("kind", choices=("memfs", "minimal"))
+    ap.add_argument("mountpoint")
+    ap.add_argument("--blocks", type=int, default=64)
+    ap.add_argument("--file", default="sys/devices/system/memory/memory0/state")
+    ap.add_argument("--text", default="online\n")
+    ap.add_argument("--binding", default=None)
+    ap.add_argument("-o", dest="opts", action="append", default=[], metavar="KEY[=VALUE]",
+                    help="extra libfuse option (overrides memfs's defaults)")
+    a = ap.parse_args(argv)
+    if not os.path.realpath(a.mountpoint).startswith("/tmp/"):
+        print("bench servers mount only under /tmp", file=sys.stderr)
+        return 2
+    opts = dict(_opt(o) for o in a.opts)
+    if a.kind == "memfs":
+        serve_memfs(a.mountpoint, a.blocks, a.binding, opts)
+    else:
+        serve_minimal(a.mountpoint, a.file, a.text, a.binding, opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
