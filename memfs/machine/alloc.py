@@ -64,6 +64,13 @@ class Allocator:
             return min(b.free, cnt - b.boot_reserved.get(zone.idx, 0) - b.zone_used.get(zone.idx, 0))
         return 0
 
+    def _parts(self, b: MemoryBlock) -> list[tuple[MemoryBlock, Zone]]:
+        """(block, zone) for each zone `b` has pages in, highest zone first."""
+        if b.zone is not None:
+            return [(b, b.zone)]
+        zones = self.m.nodes[b.nid].zones
+        return [(b, zones[i]) for i in sorted(b.boot_zone_pages, reverse=True)]
+
     def candidates(self, kind: str, nid: int | None,
                    exclude: MemoryBlock | None = None) -> Iterator[tuple[MemoryBlock, Zone]]:
         """(block, zone) with free pages that may take pages of `kind`, in placement order."""
@@ -158,7 +165,7 @@ class Allocator:
                 raise OSError(errno.ENOMEM, f"{block.name} has {block.free} free pages, {pages} asked")
             plan = [(block, block.zone, pages)]
         else:
-            cands = ((b, b.zone) for b in order) if order is not None else self.candidates(kind, nid)
+            cands = (c for b in order for c in self._parts(b)) if order is not None else self.candidates(kind, nid)
             plan = self._plan(pages, cands)
             if plan is None:
                 raise OSError(errno.ENOMEM, f"no room for {pages} {kind} pages")

@@ -161,7 +161,7 @@ class Machine:
             pages = n.used >> self.page_shift
             if pages:
                 order = [b for b in sorted(self.blocks.values(), key=lambda b: -b.id)
-                         if b.nid == n.id and b.zone is not None and b.free > 0]
+                         if b.nid == n.id and b.free > 0]
                 self.allocator.allocate(_alloc.UNMOVABLE, pages, n.id, label="kernel", order=order)
         for d in self.cfg.dimms:
             self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver)
