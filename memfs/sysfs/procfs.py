@@ -69,6 +69,9 @@ def meminfo(m: Machine) -> str:
     out = []
     for label in _MEMINFO_FIELDS:
         tail = "" if label in _NO_KB else " kB"
+        if label == "HardwareCorrupted":  # its own seq_printf: "HardwareCorrupted: %5lu kB"
+            out.append(f"{label}: {vals.get(label, 0):>5}{tail}")
+            continue
         out.append(f"{label + ':':<16}{vals.get(label, 0):>8}{tail}")
     return "\n".join(out) + "\n"
 
