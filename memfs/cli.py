@@ -70,6 +70,8 @@ def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
         args += ["--state", os.path.abspath(a.state)]
     if a.control_mode is not None:
         args += ["--control-mode", f"{a.control_mode:o}"]
+    from .sandbox_cli import daemon_args  # sandbox hook (memfs/sandbox_cli.py)
+    args += daemon_args(a)
     return args
 
 
@@ -108,7 +110,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
         daemon.setup_logging(a.debug)
         return daemon.run(mnt, config=a.config, kernel=a.kernel, sets=a.set, state=a.state,
                           control_mode=a.control_mode if a.control_mode is not None else control.DEFAULT_MODE,
-                          debug=a.debug)
+                          debug=a.debug, sandbox=a.sandbox, uevent_helper=a.uevent_helper)
     try:
         paths = control.paths_in(control.choose_run_dir(), mnt)
     except OSError as e:
@@ -298,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",
                     help="seconds to wait for the mount to serve (default 30)")
     sp.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
+    from .sandbox_cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    add_daemon_arguments(sp)
 
     sp = cmd("umount", cmd_umount, "unmount MNT and stop its daemon (also removes a dead memfs mount)")
     sp.add_argument("--timeout", type=float, default=15.0, metavar="S",
@@ -340,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", type=float, default=0, metavar="S",
                     help="wait up to S seconds (at most 60) for an event after N")
     sp.add_argument("--json", action="store_true")
+
+    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox_cli.py)
     return p
 
 

@@ -185,7 +185,8 @@ def take_lock(path: str, mnt: str) -> int:
 
 def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         sets: list[str] | None = None, state: str | None = None, control_mode: int = control.DEFAULT_MODE,
-        ready_fd: int | None = None, debug: bool = False) -> int:
+        ready_fd: int | None = None, debug: bool = False, sandbox: str = "auto",
+        uevent_helper: str | None = None) -> int:
     """Serve one machine at ``mnt`` until unmounted; returns the exit code."""
     from .machine.config import ConfigError, load_config, parse_set_value
 
@@ -221,6 +222,9 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         handler = control.Handler(machine, info, on_shutdown=lambda: os.kill(os.getpid(), signal.SIGTERM))
         server = control.ControlServer(handler, paths["sock"], control_mode)
         server.bind()
+        # sandbox hook (memfs/sandbox_cli.py): namespaces + uevent delivery, started once FUSE serves
+        from .sandbox_cli import DaemonSandbox
+        sandbox_hook = DaemonSandbox(machine, mnt, paths["sock"], mode=sandbox, uevent_helper=uevent_helper)
         # Only the main thread may take SIGTERM/SIGINT/SIGHUP: libfuse's handler must
         # interrupt the main loop's wait (its worker threads block every signal).
         stop = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -242,10 +246,20 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         if server is None and lock_fd is not None:
             os.close(lock_fd)
 
-    def on_ready() -> None:
+    def announce() -> None:
         ready.ok()
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {mnt}")
         log.info("serving %s (pid %d, control socket %s)", mnt, os.getpid(), paths["sock"])
+
+    def on_ready() -> None:
+        # the sandbox stats the mount: start it off the FUSE thread, then announce
+        def start_sandbox() -> None:
+            if sandbox_hook.start():
+                announce()
+            else:
+                ready.error(1, f"{sandbox_hook.error}")
+                os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=start_sandbox, name="memfs-sandbox-start", daemon=True).start()
 
     code = 0
     try:
@@ -257,6 +271,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         log.error("FUSE loop ended with an error: %s", e)
     finally:
         sd_notify("STOPPING=1")
+        sandbox_hook.close()
         server.close()
         os.close(lock_fd)
         log.info("stopped serving %s", mnt)
@@ -293,10 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-mode", type=parse_mode, default=control.DEFAULT_MODE)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
+    from .sandbox_cli import add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    add_daemon_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a.debug)
     return run(a.mountpoint, config=a.config, kernel=a.kernel, sets=a.set, state=a.state,
-               control_mode=a.control_mode, ready_fd=a.ready_fd, debug=a.debug)
+               control_mode=a.control_mode, ready_fd=a.ready_fd, debug=a.debug,
+               sandbox=a.sandbox, uevent_helper=a.uevent_helper)
 
 
 if __name__ == "__main__":
