@@ -1,0 +1,126 @@
+"""Packaging: the systemd unit, the scripts CI and users run, `python -m memfs`."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from memfs.pytest_plugin import _cleanup, fuse_unavailable
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "systemd/memfs@.service"
+
+
+def _unit_lines() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            k, v = line.split("=", 1)
+            out.setdefault(k.strip(), []).append(v.strip())
+    return out
+
+
+def test_unit_content():
+    u = _unit_lines()
+    assert u["Type"] == ["notify"]
+    assert u["ExecStart"] == ["/usr/local/bin/memfs mount --foreground --config ${MEMFS_CONFIG} ${MEMFS_MOUNT}"]
+    assert u["ExecStop"] == ["/usr/local/bin/memfs umount ${MEMFS_MOUNT}"]
+    assert "MEMFS_CONFIG=/etc/memfs/%i.toml" in u["Environment"]
+    assert "MEMFS_MOUNT=/run/memfs/%i" in u["Environment"]
+    assert u["Restart"] == ["on-failure"]
+    assert u["DeviceAllow"] == ["/dev/fuse rwm"]
+    # options that would hide the mount in a private mount namespace
+    for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ReadWritePaths",
+                "ProtectKernelTunables", "MountFlags", "PrivateMounts"):
+        assert key not in u
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path):
+    exe = shutil.which("memfs") or str(Path(sys.executable).with_name("memfs"))
+    if not os.access(exe, os.X_OK):
+        exe = "/bin/true"
+    text = UNIT.read_text().replace("/usr/local/bin/memfs", exe)
+    for name in ("memfs@.service", "memfs@lab.service"):
+        (tmp_path / name).write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "memfs@lab.service")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    # and it does complain about a broken unit
+    (tmp_path / "memfs@bad.service").write_text(text.replace("Type=notify", "Type=notifyy"))
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "memfs@bad.service")],
+                       capture_output=True, text=True, timeout=60)
+    assert "notifyy" in r.stderr
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_unit_command_lines_work_like_systemd_runs_them():
+    """ExecStart under a notify socket until READY=1, then ExecStop: the daemon exits 0."""
+    from memfs.daemon import FSTYPE, mounts_at
+    from memfs.machine.config import default_text
+    u = _unit_lines()
+    base = Path(tempfile.mkdtemp(prefix="memfs-test-", dir="/tmp"))
+    env_vars = {"MEMFS_MOUNT": str(base / "run/lab"), "MEMFS_CONFIG": str(base / "lab.toml")}
+    Path(env_vars["MEMFS_CONFIG"]).write_text(default_text())
+
+    def argv(line: str) -> list[str]:
+        line = re.sub(r"\$\{(\w+)\}", lambda m: env_vars[m.group(1)], line)
+        words = line.split()
+        assert words[0] == "/usr/local/bin/memfs"
+        return [sys.executable, "-m", "memfs", *words[1:]]
+
+    proc = None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+            ns.bind(str(base / "notify"))
+            ns.settimeout(30)
+            proc = subprocess.Popen(argv(u["ExecStart"][0]), env=dict(os.environ, NOTIFY_SOCKET=str(base / "notify")),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            assert "READY=1" in ns.recv(4096).decode()
+            assert (Path(env_vars["MEMFS_MOUNT"]) / "sys/devices/system/memory/memory32").is_dir()
+            stop = subprocess.run(argv(u["ExecStop"][0]), capture_output=True, text=True, timeout=60)
+            assert stop.returncode == 0, stop.stderr
+            assert proc.wait(30) == 0
+        assert mounts_at(env_vars["MEMFS_MOUNT"]) == [] or FSTYPE not in mounts_at(env_vars["MEMFS_MOUNT"])
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        _cleanup(Path(env_vars["MEMFS_MOUNT"]), None)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ci_entry_point():
+    ci = REPO / ".ci/run"
+    lines = ci.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines
+    assert lines[-1] == "exec ./scripts/test"
+    for p in (ci, REPO / "scripts/run", REPO / "scripts/test"):
+        assert os.access(p, os.X_OK), p
+
+
+def test_scripts_parse_and_find_python():
+    for p in ("scripts/setup.sh", "scripts/run", "scripts/test", ".ci/run"):
+        r = subprocess.run(["bash", "-n", str(REPO / p)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, (p, r.stderr)
+    r = subprocess.run(["bash", "-c", 'source scripts/setup.sh && memfs_python && echo "$memfs_root"'],
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    py, root = r.stdout.split()
+    assert root == str(REPO)
+    assert subprocess.run([py, "-c", "import tomllib"], timeout=30).returncode == 0
+
+
+def test_python_dash_m_memfs():
+    r = subprocess.run([sys.executable, "-m", "memfs", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("usage: memfs ")
