@@ -201,3 +201,9 @@ def memfs_mount() -> Iterator[Any]:
         def make(**kw: Any) -> MemfsMount:
             return stack.enter_context(memfs_mounted(**kw))
         yield make
+
+
+# ---------------------------------------------------------------------- sandbox hook
+# The memfs_machine fixture (mount + sandbox: run() executes commands where the memory
+# sysfs and /proc files are memfs's) and the ``memfs`` marker: memfs/sandbox_pytest.py.
+from memfs.sandbox_pytest import memfs_machine, pytest_configure  # noqa: E402,F401
