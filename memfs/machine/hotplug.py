@@ -662,7 +662,9 @@ class Machine:
                 else:
                     self.add_memory(dev, request)
             except OSError:
-                if dev.group is not None and not dev.block_ids:
+                if dev.block_ids:  # virtio-mem failed part-way: the device keeps what it plugged
+                    self.devices[dev_id] = dev
+                elif dev.group is not None:
                     del self.groups[dev.group.id]
                 raise
             if slot is not None:

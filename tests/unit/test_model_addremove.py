@@ -395,3 +395,19 @@ def test_removing_poisoned_memory_clears_the_poison():
     assert s.m.nodes[0].zone("Movable").used == 0
     assert hard(s, 8 * GiB) is None  # poisons the new page
     assert s.m.nodes[0].zone("Movable").used == 1 and s.m.meminfo()["HardwareCorrupted"] == 4
+
+
+def test_virtio_mem_failing_part_way_keeps_what_it_plugged():
+    """virtio-mem plugs and adds one block at a time; when adding one fails (here: no RAM
+    for its memmap) the device keeps the blocks it has, and can still be unplugged."""
+    m = machine(**{"boot.memmap_on_memory": False, "boot.memhp_default_state": "online_movable"})
+    free = m.meminfo()["MemFree"] // 4
+    m.alloc("unmovable", (free - 600) * 4096)  # room for one block's memmap (512 pages)
+    with pytest.raises(OSError) as ei:
+        m.plug(512 * MiB, driver="virtio_mem", dev_id="vm0")
+    assert ei.value.errno == errno.ENOMEM
+    dev = m.devices["vm0"]
+    assert dev.block_ids == [32] and m.blocks[32].state == "online"
+    assert {b.id for b in m.blocks.values() if not b.boot} == {32}
+    m.unplug("vm0")
+    assert "vm0" not in m.devices and 32 not in m.blocks
