@@ -20,8 +20,12 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import ctypes
 import os
+import platform
+import re
 import stat
+import struct
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -30,7 +34,7 @@ import fuse as _fusepy  # fusepy (top-level module "fuse"), not this module
 
 from memfs.sysfs.kernfs import Attr, DirNode, Link, Node, Tree
 
-__all__ = ["SysfsOperations", "serve", "mount_operations", "default_options", "load_binding",
+__all__ = ["SysfsOperations", "serve", "kernel_has_epoch", "ENTRY_TIMEOUT", "ATTR_TIMEOUT", "mount_operations", "default_options", "load_binding",
            "BINDINGS", "STORE_MAX", "ATTR_SIZE"]
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,17 @@ log = logging.getLogger(__name__)
 STORE_MAX = 4096
 #: ``st_size`` of every attribute (sysfs reports PAGE_SIZE, not the content size).
 ATTR_SIZE = 4096
+
+#: Seconds the kernel may cache a node's attributes (see :func:`default_options`).
+ATTR_TIMEOUT = 3600
+#: Seconds the kernel may cache directory entries when :func:`serve` is given a
+#: ``watch`` (the model then tells the adapter about every change, and the
+#: adapter drops the kernel's entries at once: see :meth:`SysfsOperations.invalidate`).
+ENTRY_TIMEOUT = 3600
+#: enum fuse_notify_code FUSE_NOTIFY_INC_EPOCH (Linux 6.16+): every dentry created
+#: (or whose LOOKUP started) before the bump is invalid on its next use.
+FUSE_NOTIFY_INC_EPOCH = 8
+_EPOCH_MSG = struct.pack("<IiQ", 16, FUSE_NOTIFY_INC_EPOCH, 0)  # struct fuse_out_header
 
 _O_ACCMODE = os.O_ACCMODE
 
@@ -67,9 +82,13 @@ class SysfsOperations(_fusepy.Operations):
 
     use_ns = True  # timestamps in integer nanoseconds (silences fusepy warning)
 
-    def __init__(self, tree: Tree, *, ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, tree: Tree, *, ready: Callable[[], None] | None = None,
+                 binding: Any = None) -> None:
         self.tree = tree
         self._ready = ready
+        self._binding = binding if binding is not None else _fusepy
+        self._dev_fd: int | None = None  # /dev/fuse, once mounted, if entries are cached
+        self.entry_cache = False  # set by serve() when the kernel may cache entries
         self._handles: dict[int, _Handle] = {}
         self._lock = threading.Lock()
         self._fh_counter = itertools.count(1)
@@ -142,6 +161,14 @@ class SysfsOperations(_fusepy.Operations):
 
     def init(self, path: str) -> None:
         """Called by libfuse once the kernel handshake (FUSE_INIT) is done."""
+        if self.entry_cache:
+            try:
+                self._dev_fd = _session_fd(self._binding)
+            except Exception as e:  # pragma: no cover - libfuse without the symbols
+                log.error("memfs: cannot reach /dev/fuse to invalidate entries (%s); "
+                          "cached entries may go stale", e)
+            else:
+                self.invalidate()
         ready = self._ready
         if ready is not None:
             self._ready = None
@@ -151,8 +178,31 @@ class SysfsOperations(_fusepy.Operations):
                 log.exception("memfs: ready() callback failed")
 
     def destroy(self, path: str) -> None:
+        self._dev_fd = None
         with self._lock:
             self._handles.clear()
+
+    def invalidate(self) -> bool:
+        """Make every directory entry the kernel has cached for this mount stale.
+
+        Called (through ``serve(watch=...)``) after every change of the model,
+        before the operation that made it returns: the next path walk then asks
+        the daemon again, so blocks appear and vanish at once, even for
+        dentries pinned by open files or working directories, and even if a
+        LOOKUP raced with the change (the kernel records the epoch a LOOKUP
+        started in).  One write of a 16-byte notification; no locks taken in
+        the kernel, so it is safe from any thread, with or without the model's
+        lock held.  Returns False when entries are not cached (nothing to do).
+        """
+        fd = self._dev_fd
+        if fd is None:
+            return False
+        try:
+            os.write(fd, _EPOCH_MSG)
+        except OSError as e:
+            log.error("memfs: FUSE_NOTIFY_INC_EPOCH failed: %s; cached entries may be stale", e)
+            return False
+        return True
 
     # -- namespace --------------------------------------------------------
 
@@ -244,11 +294,20 @@ class SysfsOperations(_fusepy.Operations):
             raise _err(errno.EINVAL)
         return 0
 
-    def flush(self, path: str, fh: int) -> int:
-        return 0
-
-    def fsync(self, path: str, datasync: int, fh: int) -> int:
-        return 0
+    # Left out of the libfuse operations table on purpose (fusepy registers only
+    # non-None methods).  The kernel then gets ENOSYS once from libfuse itself
+    # and stops sending FLUSH/FSYNC/FSYNCDIR for good (fc->no_flush, no_fsync),
+    # and libfuse answers OPENDIR/RELEASEDIR/ACCESS without calling Python:
+    # one round trip less per close(2), and no Python work for the others.
+    flush = None
+    fsync = None
+    fsyncdir = None
+    opendir = None
+    releasedir = None
+    access = None
+    bmap = None
+    ioctl = None
+    lock = None
 
     def release(self, path: str, fh: int) -> int:
         with self._lock:
@@ -331,7 +390,13 @@ def default_options(allow_other: bool | None = None) -> dict[str, Any]:
         "big_writes": True,     # one write(2) <= 128 KiB = one FUSE_WRITE
         "entry_timeout": 0,     # blocks appear/vanish at once
         "negative_timeout": 0,
-        "attr_timeout": 0,
+        # The stat of a node never changes while its path resolves to it (mode,
+        # size 4096, times, nlink are constants of its kind), so the kernel may
+        # keep attributes: entries are still revalidated on every path walk
+        # (entry_timeout 0), so a vanished block fails with ENOENT at once.
+        # This saves the GETATTR that default_permissions would otherwise send
+        # for every path component and every open.
+        "attr_timeout": ATTR_TIMEOUT,
     }
     if allow_other:
         opts["allow_other"] = True
@@ -348,6 +413,35 @@ def mount_operations(ops: Any, mountpoint: str, *, binding: str | None = None,
     mod.FUSE(ops, mountpoint, foreground=foreground, nothreads=False, debug=debug, **opts)
 
 
+def kernel_has_epoch(release: str | None = None) -> bool:
+    """True if this kernel takes FUSE_NOTIFY_INC_EPOCH (Linux 6.16 and later)."""
+    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (6, 16)
+
+
+def _session_fd(binding: Any) -> int:
+    """The /dev/fuse descriptor of the session serving the current request (from init())."""
+    lib = binding._libfuse
+    ctx = lib.fuse_get_context()
+    f = ctypes.c_void_p(ctx.contents.fuse)
+    lib.fuse_get_session.restype = ctypes.c_void_p
+    lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+    se = ctypes.c_void_p(lib.fuse_get_session(f))
+    if hasattr(lib, "fuse_session_fd"):  # libfuse 3
+        lib.fuse_session_fd.restype = ctypes.c_int
+        lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+        fd = lib.fuse_session_fd(se)
+    else:  # libfuse 2: the session's only channel
+        lib.fuse_session_next_chan.restype = ctypes.c_void_p
+        lib.fuse_session_next_chan.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.fuse_chan_fd.restype = ctypes.c_int
+        lib.fuse_chan_fd.argtypes = [ctypes.c_void_p]
+        fd = lib.fuse_chan_fd(ctypes.c_void_p(lib.fuse_session_next_chan(se, None)))
+    if fd < 0:
+        raise OSError(errno.EBADF, "no /dev/fuse descriptor")
+    return fd
+
+
 def serve(
     tree: Tree,
     mountpoint: str,
@@ -357,6 +451,7 @@ def serve(
     ready: Callable[[], None] | None = None,
     debug: bool = False,
     binding: str | None = None,
+    watch: Callable[[Callable[[], bool]], None] | None = None,
     **options: Any,
 ) -> None:
     """Mount ``tree`` at ``mountpoint`` and serve it until unmounted.
@@ -368,7 +463,21 @@ def serve(
     libfuse as ``-o key=value`` (``True`` for bare flags) and override
     :func:`default_options`.  ``binding`` picks the FUSE binding (see
     :func:`load_binding`).
+
+    ``watch``, if given, is called once (before mounting) with a callable that
+    the owner of the tree must call after *every* change of what the tree
+    resolves (blocks or nodes appearing or vanishing), before the change is
+    reported done; e.g. ``watch=lambda inval: machine_listeners.append(inval)``.
+    The kernel may then cache directory entries (``entry_timeout`` and
+    ``negative_timeout`` of :data:`ENTRY_TIMEOUT`), which saves one LOOKUP
+    round trip per path component per access.  Without ``watch``, or on a
+    kernel older than 6.16, entries are never cached (timeouts 0).
     """
-    ops = SysfsOperations(tree, ready=ready)
+    mod = load_binding(binding)
+    ops = SysfsOperations(tree, ready=ready, binding=mod)
+    if watch is not None and kernel_has_epoch():
+        ops.entry_cache = True
+        options = {"entry_timeout": ENTRY_TIMEOUT, "negative_timeout": ENTRY_TIMEOUT, **options}
+        watch(ops.invalidate)
     mount_operations(ops, mountpoint, binding=binding, foreground=foreground,
                      allow_other=allow_other, debug=debug, **options)

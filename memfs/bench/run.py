@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from memfs.bench.machines import bench_machine, target_block
+from memfs.fuse import ENTRY_TIMEOUT, kernel_has_epoch
 
 MEMDIR = "sys/devices/system/memory"
 READY_FILE = f"{MEMDIR}/block_size_bytes"
@@ -184,8 +185,10 @@ class Daemon:
 
 
 def memfs_daemon(workdir: str, blocks: int, binding: str | None, name: str | None = None,
-                 opts: list[str] = ()) -> Daemon:
+                 opts: list[str] = (), entry_cache: bool = False) -> Daemon:
     args = ["memfs", "--blocks", str(blocks)]
+    if entry_cache:
+        args.append("--entry-cache")
     if binding:
         args += ["--binding", binding]
     for o in opts:
@@ -193,10 +196,17 @@ def memfs_daemon(workdir: str, blocks: int, binding: str | None, name: str | Non
     return Daemon(workdir, name or f"memfs-{blocks}", args, READY_FILE)
 
 
-def minimal_daemon(workdir: str, rel: str, text: str, binding: str | None, name: str) -> Daemon:
+#: the minimal floor's options when memfs caches entries (the same timeouts)
+EC_OPTS = [f"entry_timeout={ENTRY_TIMEOUT}", f"negative_timeout={ENTRY_TIMEOUT}"]
+
+
+def minimal_daemon(workdir: str, rel: str, text: str, binding: str | None, name: str,
+                   opts: list[str] = ()) -> Daemon:
     args = ["minimal", "--file", rel, "--text", text]
     if binding:
         args += ["--binding", binding]
+    for o in opts:
+        args += ["-o", o]
     return Daemon(workdir, name, args, rel)
 
 
@@ -250,22 +260,34 @@ def bench_attr(work: str, shm: str, plan: dict, binding: str | None) -> dict:
     ops = plan["attr_ops"]
     static = os.path.join(shm, f"static-{n}")
     static_copy(n, static)
-    out: dict[str, Any] = {"blocks": n, "block": bid, "ops": ops,
+    out: dict[str, Any] = {"blocks": n, "block": bid, "ops": ops, "entry_cache": kernel_has_epoch(),
                            "read": "open + read(4096) + close, full path from the mount root"}
-    with memfs_daemon(work, n, binding) as d:
-        for attr, rel in rels.items():
-            text = Path(d.path(rel)).read_text()
-            row = {"memfs_us": time_reads(d.path(rel), ops)}
-            with minimal_daemon(work, rel, text, binding, f"minimal-{attr}") as mn:
-                row["minimal_us"] = time_reads(mn.path(rel), ops)
-            row["tmpfs_us"] = time_reads(os.path.join(static, rel), ops)
-            real = os.path.join(REAL_SYS, attr)
-            row["sysfs_us"] = time_reads(real, ops) if os.path.exists(real) else None
-            row["memfs_over_minimal"] = _ratio(row["memfs_us"], row["minimal_us"])
-            row["memfs_over_tmpfs"] = _ratio(row["memfs_us"], row["tmpfs_us"])
-            row["memfs_over_sysfs"] = _ratio(row["memfs_us"], row["sysfs_us"])
-            row["minimal_over_sysfs"] = _ratio(row["minimal_us"], row["sysfs_us"])
-            out[attr] = row
+    rows: dict[str, dict[str, Any]] = {a: {} for a in rels}
+    variants = [("", False, [])]
+    if out["entry_cache"]:
+        variants.append(("_ec", True, EC_OPTS))
+    for suffix, ec, mopts in variants:
+        with memfs_daemon(work, n, binding, name=f"memfs{suffix}-{n}", entry_cache=ec) as d:
+            for attr, rel in rels.items():
+                text = Path(d.path(rel)).read_text()
+                rows[attr][f"memfs{suffix}_us"] = time_reads(d.path(rel), ops)
+                with minimal_daemon(work, rel, text, binding, f"minimal{suffix}-{attr}", mopts) as mn:
+                    rows[attr][f"minimal{suffix}_us"] = time_reads(mn.path(rel), ops)
+    for attr, rel in rels.items():
+        row = rows[attr]
+        row["tmpfs_us"] = time_reads(os.path.join(static, rel), ops)
+        real = os.path.join(REAL_SYS, attr)
+        row["sysfs_us"] = time_reads(real, ops) if os.path.exists(real) else None
+        row["memfs_over_minimal"] = _ratio(row["memfs_us"], row["minimal_us"])
+        row["memfs_over_tmpfs"] = _ratio(row["memfs_us"], row["tmpfs_us"])
+        row["memfs_over_sysfs"] = _ratio(row["memfs_us"], row["sysfs_us"])
+        row["minimal_over_sysfs"] = _ratio(row["minimal_us"], row["sysfs_us"])
+        if out["entry_cache"]:
+            row["memfs_ec_over_minimal_ec"] = _ratio(row["memfs_ec_us"], row["minimal_ec_us"])
+            row["memfs_ec_over_memfs"] = _ratio(row["memfs_ec_us"], row["memfs_us"])
+            row["memfs_ec_over_tmpfs"] = _ratio(row["memfs_ec_us"], row["tmpfs_us"])
+            row["memfs_ec_over_sysfs"] = _ratio(row["memfs_ec_us"], row["sysfs_us"])
+        out[attr] = row
     return out
 
 
@@ -273,17 +295,19 @@ def bench_writes(work: str, plan: dict, binding: str | None) -> dict:
     n = plan["attr_blocks"]
     bid = target_block(bench_machine(n))
     rel = f"{MEMDIR}/memory{bid}/state"
-    on: list[int] = []
-    off: list[int] = []
-    with memfs_daemon(work, n, binding, name=f"memfs-w{n}") as d:
-        p = d.path(rel)
-        for _ in range(plan["write_ops"]):
-            on.append(time_store(p, b"online"))
-            off.append(time_store(p, b"offline"))
-        final = Path(p).read_text().strip()
-    out = {"blocks": n, "pairs": plan["write_ops"], "online_us": _median_us(on),
-           "offline_us": _median_us(off), "final_state": final}
-    out["pair_us"] = round(out["online_us"] + out["offline_us"], 2)
+    out: dict[str, Any] = {"blocks": n, "pairs": plan["write_ops"]}
+    for suffix, ec in [("", False)] + ([("_ec", True)] if kernel_has_epoch() else []):
+        on: list[int] = []
+        off: list[int] = []
+        with memfs_daemon(work, n, binding, name=f"memfs{suffix}-w{n}", entry_cache=ec) as d:
+            p = d.path(rel)
+            for _ in range(plan["write_ops"]):
+                on.append(time_store(p, b"online"))
+                off.append(time_store(p, b"offline"))
+            out[f"final_state{suffix}"] = Path(p).read_text().strip()
+        out[f"online{suffix}_us"] = _median_us(on)
+        out[f"offline{suffix}_us"] = _median_us(off)
+        out[f"pair{suffix}_us"] = round(out[f"online{suffix}_us"] + out[f"offline{suffix}_us"], 2)
     return out
 
 
@@ -306,18 +330,25 @@ def bench_lsmem(work: str, shm: str, plan: dict, binding: str | None) -> dict:
         files = static_copy(n, static)
         copy_s = time.perf_counter() - t
         row: dict[str, Any] = {"blocks": n, "static_files": files, "static_copy_s": round(copy_s, 2)}
-        with memfs_daemon(work, n, binding, name=f"memfs-l{n}") as d:
-            for key, extra in (("lsmem", []), ("lsmem_a", ["-a"])):
-                mt, mo, st, so = [], "", [], ""
-                for _ in range(plan["lsmem_runs"]):
-                    dt, mo = _run_lsmem([*extra, "--sysroot", d.mnt])
-                    mt.append(dt)
-                    dt, so = _run_lsmem([*extra, "--sysroot", static])
-                    st.append(dt)
-                row[key] = {"memfs_s": round(statistics.median(mt), 4),
-                            "tmpfs_s": round(statistics.median(st), 4),
-                            "same_output": mo == so, "lines": mo.count("\n")}
-                row[key]["memfs_over_tmpfs"] = _ratio(row[key]["memfs_s"], row[key]["tmpfs_s"])
+        for key, extra in (("lsmem", []), ("lsmem_a", ["-a"])):
+            st, so = [], ""
+            for _ in range(plan["lsmem_runs"]):
+                dt, so = _run_lsmem([*extra, "--sysroot", static])
+                st.append(dt)
+            row[key] = {"tmpfs_s": round(statistics.median(st), 4), "same_output": True}
+        for suffix, ec in [("", False)] + ([("_ec", True)] if kernel_has_epoch() else []):
+            with memfs_daemon(work, n, binding, name=f"memfs{suffix}-l{n}", entry_cache=ec) as d:
+                for key, extra in (("lsmem", []), ("lsmem_a", ["-a"])):
+                    mt, mo = [], ""
+                    for _ in range(plan["lsmem_runs"]):
+                        dt, mo = _run_lsmem([*extra, "--sysroot", d.mnt])
+                        mt.append(dt)
+                    _, so = _run_lsmem([*extra, "--sysroot", static])
+                    r = row[key]
+                    r[f"memfs{suffix}_s"] = round(statistics.median(mt), 4)
+                    r["same_output"] = r["same_output"] and mo == so
+                    r["lines"] = mo.count("\n")
+                    r[f"memfs{suffix}_over_tmpfs"] = _ratio(r[f"memfs{suffix}_s"], r["tmpfs_s"])
         shutil.rmtree(static, ignore_errors=True)
         rows.append(row)
     return {"runs": plan["lsmem_runs"], "sizes": rows}
@@ -427,7 +458,10 @@ def machine_info() -> dict:
 TARGETS = {
     "attr_within_1.2x_of_minimal": ("attr", lambda r: all(
         (r["attr"][a]["memfs_over_minimal"] or 99) <= 1.2 for a in ("state", "valid_zones"))),
+    "attr_ec_within_1.2x_of_minimal_ec": ("attr", lambda r: all(
+        (r["attr"][a]["memfs_ec_over_minimal_ec"] or 99) <= 1.2 for a in ("state", "valid_zones"))),
     "lsmem_within_20x_of_tmpfs": ("lsmem", lambda r: (r["lsmem"]["sizes"][-1]["lsmem"]["memfs_over_tmpfs"] or 999) <= 20),
+    "lsmem_ec_within_20x_of_tmpfs": ("lsmem", lambda r: (r["lsmem"]["sizes"][-1]["lsmem"]["memfs_ec_over_tmpfs"] or 999) <= 20),
     "model_flat_within_1.3x": ("model", lambda r: r["model"]["sizes"][-1]["over_smallest"] <= 1.3),
     "mount_under_3s": ("mount", lambda r: r["mount"]["sizes"][-1]["ready_s"] < 3),
     "rss_under_200MiB": ("mount", lambda r: r["mount"]["sizes"][-1]["rss_after_all_mib"] < 200),
@@ -461,23 +495,42 @@ def format_table(res: dict) -> str:
                  f"{res['binding']}; {info['nproc']} CPU {info['cpu']}; kernel {info['kernel']})")
     if "attr" in res:
         a = res["attr"]
+        ec = a.get("entry_cache")
         lines.append("")
         lines.append(f"1. attribute access, us per open+read+close (median of {a['ops']}; "
-                     f"memory{a['block']} of {a['blocks']} blocks)")
-        lines.append(f"   {'file':<12} {'memfs':>8} {'minimal':>8} {'tmpfs':>8} {'sysfs':>8}"
-                     f" | {'memfs/min':>9} {'memfs/tmpfs':>11} {'memfs/sysfs':>11}")
+                     f"memory{a['block']} of {a['blocks']} blocks; +ec: entries cached, "
+                     f"invalidated on every model change; min: one-file fusepy fs, same options)")
+        head = f"   {'file':<12} {'memfs':>7} {'min':>7}"
+        if ec:
+            head += f" {'memfs+ec':>8} {'min+ec':>7}"
+        head += f" {'tmpfs':>6} {'sysfs':>6} | {'memfs/min':>9}"
+        if ec:
+            head += f" {'+ec/min+ec':>10} {'+ec/memfs':>9} {'+ec/tmpfs':>9} {'+ec/sysfs':>9}"
+        else:
+            head += f" {'memfs/tmpfs':>11} {'memfs/sysfs':>11}"
+        lines.append(head)
         for attr in ("state", "valid_zones"):
             r = a[attr]
-            lines.append(f"   {attr:<12} {_f(r['memfs_us']):>8} {_f(r['minimal_us']):>8} "
-                         f"{_f(r['tmpfs_us']):>8} {_f(r['sysfs_us']):>8} | "
-                         f"{_f(r['memfs_over_minimal'], 'x'):>9} {_f(r['memfs_over_tmpfs'], 'x'):>11} "
-                         f"{_f(r['memfs_over_sysfs'], 'x'):>11}")
+            line = f"   {attr:<12} {_f(r['memfs_us']):>7} {_f(r['minimal_us']):>7}"
+            if ec:
+                line += f" {_f(r['memfs_ec_us']):>8} {_f(r['minimal_ec_us']):>7}"
+            line += (f" {_f(r['tmpfs_us']):>6} {_f(r['sysfs_us']):>6} | "
+                     f"{_f(r['memfs_over_minimal'], 'x'):>9}")
+            if ec:
+                line += (f" {_f(r['memfs_ec_over_minimal_ec'], 'x'):>10} {_f(r['memfs_ec_over_memfs'], 'x'):>9}"
+                         f" {_f(r['memfs_ec_over_tmpfs'], 'x'):>9} {_f(r['memfs_ec_over_sysfs'], 'x'):>9}")
+            else:
+                line += f" {_f(r['memfs_over_tmpfs'], 'x'):>11} {_f(r['memfs_over_sysfs'], 'x'):>11}"
+            lines.append(line)
     if "writes" in res:
         w = res["writes"]
         lines.append("")
         lines.append(f"2. writes through the mount, us per open+write+close (median of {w['pairs']})")
-        lines.append(f"   online {_f(w['online_us'])}   offline {_f(w['offline_us'])}   "
+        lines.append(f"   memfs:    online {_f(w['online_us'])}   offline {_f(w['offline_us'])}   "
                      f"pair {_f(w['pair_us'])}   (final state {w['final_state']})")
+        if "pair_ec_us" in w:
+            lines.append(f"   memfs+ec: online {_f(w['online_ec_us'])}   offline {_f(w['offline_ec_us'])}   "
+                         f"pair {_f(w['pair_ec_us'])}   (final state {w['final_state_ec']})")
     if "lsmem" in res:
         lines.append("")
         ls = res["lsmem"]
@@ -485,12 +538,15 @@ def format_table(res: dict) -> str:
             lines.append(f"3. lsmem: skipped ({ls['skipped']})")
         else:
             lines.append(f"3. lsmem --sysroot, seconds (median of {ls['runs']})")
-            lines.append(f"   {'blocks':>7} {'cmd':<9} {'memfs':>8} {'tmpfs':>8} | {'memfs/tmpfs':>11} same-output")
+            lines.append(f"   {'blocks':>7} {'cmd':<9} {'memfs':>8} {'memfs+ec':>8} {'tmpfs':>8} | "
+                         f"{'memfs/tmpfs':>11} {'+ec/tmpfs':>9} same-output")
             for r in ls["sizes"]:
                 for key, label in (("lsmem", "lsmem"), ("lsmem_a", "lsmem -a")):
                     x = r[key]
-                    lines.append(f"   {r['blocks']:>7} {label:<9} {x['memfs_s']:>8.3f} {x['tmpfs_s']:>8.3f} | "
-                                 f"{_f(x['memfs_over_tmpfs'], 'x'):>11} {x['same_output']}")
+                    lines.append(f"   {r['blocks']:>7} {label:<9} {x['memfs_s']:>8.3f} "
+                                 f"{_f(x.get('memfs_ec_s')):>8} {x['tmpfs_s']:>8.3f} | "
+                                 f"{_f(x['memfs_over_tmpfs'], 'x'):>11} "
+                                 f"{_f(x.get('memfs_ec_over_tmpfs'), 'x'):>9} {x['same_output']}")
     if "model" in res:
         lines.append("")
         mo = res["model"]
@@ -523,9 +579,13 @@ SECTIONS = ("attr", "writes", "lsmem", "model", "mount", "concurrency")
 
 
 @contextlib.contextmanager
-def _scratch() -> Iterator[tuple[str, str]]:
-    work = tempfile.mkdtemp(prefix="memfs-bench-", dir="/tmp")
-    shm_parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else "/tmp"
+def _scratch(parent: str | None = None) -> Iterator[tuple[str, str]]:
+    """Fresh mount and static-copy directories (under ``parent`` if given, else /tmp and /dev/shm)."""
+    if parent is not None and not os.path.realpath(parent).startswith("/tmp/"):
+        raise ValueError(f"--workdir {parent}: the bench mounts only under /tmp")
+    work = tempfile.mkdtemp(prefix="memfs-bench-", dir=parent or "/tmp")
+    shm_parent = parent or ("/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+                            else "/tmp")
     shm = tempfile.mkdtemp(prefix="memfs-bench-static-", dir=shm_parent)
     try:
         yield work, shm
@@ -539,7 +599,7 @@ def _scratch() -> Iterator[tuple[str, str]]:
 
 
 def run(plan: dict, sections: tuple[str, ...], binding: str | None, quick: bool,
-        progress: Callable[[str], None] = lambda s: None) -> dict:
+        progress: Callable[[str], None] = lambda s: None, workdir: str | None = None) -> dict:
     from memfs.fuse import load_binding
     load_binding(binding)  # fail early on an unknown binding
     res: dict[str, Any] = {
@@ -547,7 +607,7 @@ def run(plan: dict, sections: tuple[str, ...], binding: str | None, quick: bool,
         "quick": quick, "binding": binding or os.environ.get("MEMFS_FUSE_BINDING") or "fusepy",
         "machine": machine_info(), "plan": plan,
     }
-    with _scratch() as (work, shm):
+    with _scratch(workdir) as (work, shm):
         steps = {
             "attr": lambda: bench_attr(work, shm, plan, binding),
             "writes": lambda: bench_writes(work, plan, binding),
@@ -571,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="where to write the results "
                     "(default bench-results/bench-<date>.json)")
     ap.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--workdir", default=None, metavar="DIR",
+                    help="scratch directory under /tmp for mounts and static copies "
+                         "(default: fresh ones in /tmp and /dev/shm)")
     ap.add_argument("--binding", default=None, help="FUSE binding of the daemons (default: fusepy)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=N",
                     help="override a plan count, e.g. attr_ops=500 or lsmem_blocks=1024,8192")
@@ -591,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sections:
         if s not in SECTIONS:
             ap.error(f"--only: unknown section {s!r}")
-    res = run(plan, sections, a.binding, a.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    res = run(plan, sections, a.binding, a.quick, progress=lambda s: print(s, file=sys.stderr, flush=True), workdir=a.workdir)
     out = a.json or os.path.join("bench-results",
                                  f"bench-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -16,16 +16,33 @@ import os
 import stat
 import sys
 import time
+from typing import Any, Callable
 
 
-def serve_memfs(mnt: str, blocks: int, binding: str | None, opts: dict) -> None:
+def watch_machine(m: Any) -> Callable[[Callable[[], Any]], None]:
+    """A ``serve(watch=...)`` for a Machine: every generation bump calls the listener.
+
+    (Wraps the instance's ``_changed``; the model would better offer listeners
+    itself, see docs/performance.md.)
+    """
+    def watch(listener: Callable[[], Any]) -> None:
+        bump = m._changed
+
+        def changed() -> None:
+            bump()
+            listener()
+        m._changed = changed
+    return watch
+
+
+def serve_memfs(mnt: str, blocks: int, binding: str | None, opts: dict, entry_cache: bool) -> None:
     from memfs.bench.machines import bench_machine
     from memfs.fuse import serve
     from memfs.sysfs.tree import build_tree
 
     m = bench_machine(blocks)
     tree = build_tree(m)
-    serve(tree, mnt, binding=binding, **opts)
+    serve(tree, mnt, binding=binding, watch=watch_machine(m) if entry_cache else None, **opts)
 
 
 def serve_minimal(mnt: str, rel: str, text: str, binding: str | None, opts: dict) -> None:
@@ -70,6 +87,9 @@ def serve_minimal(mnt: str, rel: str, text: str, binding: str | None, opts: dict
         def release(self, path, fh):
             return 0
 
+        # the same operations table as memfs's adapter (nothing else registered)
+        flush = fsync = fsyncdir = opendir = releasedir = access = bmap = ioctl = lock = None
+
         def readdir(self, path, fh):
             return [".", ".."]
 
@@ -91,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", default="sys/devices/system/memory/memory0/state")
     ap.add_argument("--text", default="online\n")
     ap.add_argument("--binding", default=None)
+    ap.add_argument("--entry-cache", action="store_true",
+                    help="memfs: let the kernel cache entries, invalidated on every model change")
     ap.add_argument("-o", dest="opts", action="append", default=[], metavar="KEY[=VALUE]",
                     help="extra libfuse option (overrides memfs's defaults)")
     a = ap.parse_args(argv)
@@ -99,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = dict(_opt(o) for o in a.opts)
     if a.kind == "memfs":
-        serve_memfs(a.mountpoint, a.blocks, a.binding, opts)
+        serve_memfs(a.mountpoint, a.blocks, a.binding, opts, a.entry_cache)
     else:
         serve_minimal(a.mountpoint, a.file, a.text, a.binding, opts)
     return 0
