@@ -367,7 +367,9 @@ class SysfsOperations(_fusepy.Operations):
 
 
 #: Bindings :func:`serve` can run on (``MEMFS_FUSE_BINDING`` picks the default).
-BINDINGS = ("fusepy",)
+#: ``mfusepy`` (libfuse 3 through the maintained fusepy fork) is an experimental
+#: prototype for the benchmark: ``pip install mfusepy`` and Debian's libfuse3-3.
+BINDINGS = ("fusepy", "mfusepy")
 
 
 def load_binding(name: str | None = None) -> Any:
@@ -375,7 +377,36 @@ def load_binding(name: str | None = None) -> Any:
     name = name or os.environ.get("MEMFS_FUSE_BINDING") or "fusepy"
     if name == "fusepy":
         return _fusepy
+    if name == "mfusepy":
+        # mfusepy picks libfuse 2 when both are installed, unless told otherwise
+        os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+        import mfusepy  # type: ignore[import-not-found]
+        return mfusepy
     raise ValueError(f"unknown FUSE binding {name!r}; choose one of {', '.join(BINDINGS)}")
+
+
+class _Dispatch:
+    """Expose ``ops(name, *args)`` as methods, for bindings that ignore ``__call__`` (mfusepy 3).
+
+    Only the operations ``ops`` implements (non-None) are exposed, so the
+    binding registers exactly the same table as fusepy does.
+    """
+
+    def __init__(self, ops: Any) -> None:
+        self.use_ns = getattr(ops, "use_ns", False)
+        for name in dir(type(ops)):
+            if name.startswith("_") or name in ("use_ns", "tree", "entry_cache", "invalidate"):
+                continue
+            attr = getattr(ops, name, None)
+            if callable(attr):
+                setattr(self, name, self._bind(ops, name))
+
+    @staticmethod
+    def _bind(ops: Any, name: str) -> Callable[..., Any]:
+        def method(*args: Any) -> Any:
+            return ops(name, *args)
+        method.__name__ = name
+        return method
 
 
 def default_options(allow_other: bool | None = None) -> dict[str, Any]:
@@ -410,6 +441,10 @@ def mount_operations(ops: Any, mountpoint: str, *, binding: str | None = None,
     mod = load_binding(binding)
     opts = default_options(allow_other)
     opts.update(options)
+    if getattr(mod, "fuse_version_major", 2) >= 3:
+        opts.pop("big_writes", None)  # always on, and refused, in libfuse 3
+    if mod is not _fusepy:
+        ops = _Dispatch(ops)
     mod.FUSE(ops, mountpoint, foreground=foreground, nothreads=False, debug=debug, **opts)
 
 
