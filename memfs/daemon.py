@@ -10,7 +10,7 @@ completed the FUSE handshake, or ``error CODE MESSAGE``. With $NOTIFY_SOCKET set
 
 Before mounting, the daemon takes an flock on ``<run dir>/<key>.lock`` (so two daemons
 never serve one mount point), removes a dead memfs mount left at MNT (its daemon was
-killed: stat fails with ENOTCONN), and refuses a live mount or any other filesystem
+killed: statfs fails with ENOTCONN), and refuses a live mount or any other filesystem
 there: it never stacks mounts.
 """
 from __future__ import annotations
@@ -61,12 +61,17 @@ def mounts_at(path: str | os.PathLike[str]) -> list[str]:
 
 
 def probe(path: str, timeout: float = 5.0) -> str:
-    """"alive" if stat(path) answers, "dead" if the FUSE connection is gone, "hung" if no answer."""
+    """"alive" if the filesystem at ``path`` answers, "dead" if its FUSE connection is gone
+    (ENOTCONN), "hung" if it does not answer in time.
+
+    statfs(2), not stat(2): the kernel may answer stat from its attribute cache even after
+    the daemon died, but always asks the daemon for statfs.
+    """
     result: list[str] = []
 
     def body() -> None:
         try:
-            os.stat(path)
+            os.statvfs(path)
             result.append("alive")
         except OSError as e:
             result.append("dead" if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV)
