@@ -167,6 +167,12 @@ def test_auto_movable_default_prefers_movable():
     assert s.vz(32) == "Movable"
 
 
+def test_auto_movable_ignores_movable_node():
+    s = Sys(machine(**{"boot.movable_node": True}))
+    auto_movable(s, ratio=0)
+    assert s.vz(32) == "Normal Movable"  # contig-zones would have said "Movable Normal"
+
+
 def test_auto_movable_static_group_with_kernel_pages_stays_kernel():
     s = Sys(machine())
     auto_movable(s)
