@@ -14,10 +14,13 @@ A sandbox is a set of namespaces held open by a small *holder* process:
   its own /proc;
 * a **mount namespace** (propagation private) in which
   - ``MNT/sys/devices/system/memory`` is bound over ``/sys/devices/system/memory``,
-    ``.../node``, ``MNT/sys/bus/memory``, ``MNT/sys/module/memory_hotplug`` (if the
-    machine has it) and ``MNT/proc/{meminfo,zoneinfo,vmstat}`` over their /proc files.
+    ``.../node``, ``MNT/sys/bus/memory``, ``MNT/sys/module/memory_hotplug``, the ACPI
+    memory devices (``/sys/devices/LNXSYSTM:00``, ``/sys/bus/acpi``: where the blocks'
+    ``firmware_node`` links lead), and ``MNT/proc/{meminfo,zoneinfo,vmstat}`` over their /proc files.
     They are bound *from the FUSE mount*, so a dead daemon gives ENOTCONN, never the
     real files underneath;
+    Those the emulated kernel lacks (e.g. memory_hotplug before 5.13) are hidden
+    behind an empty read-only tmpfs, so the host's never show through;
   - the rest of /sys and /proc is **read-only** (EROFS on any write that misses an
     overlay), /dev is a small tmpfs with null, zero, full, random, urandom and tty only
     (no disks), and /run is a fresh tmpfs (own /run/udev; no host daemon sockets).
@@ -109,6 +112,8 @@ OVERLAYS: tuple[tuple[str, str, bool], ...] = (
     ("sys/devices/system/node", "/sys/devices/system/node", True),
     ("sys/bus/memory", "/sys/bus/memory", True),
     ("sys/module/memory_hotplug", "/sys/module/memory_hotplug", False),  # if the machine has it
+    ("sys/devices/LNXSYSTM:00", "/sys/devices/LNXSYSTM:00", False),     # ACPI memory devices
+    ("sys/bus/acpi", "/sys/bus/acpi", False),                           # (firmware_node links)
     ("proc/meminfo", "/proc/meminfo", True),
     ("proc/zoneinfo", "/proc/zoneinfo", True),
     ("proc/vmstat", "/proc/vmstat", True),
@@ -218,7 +223,7 @@ def initial_netns_inodes(extra: Iterable[int] = ()) -> set[int]:
 
 def check_netns(netns: int, initial: Iterable[int], expected: int | None = None, where: str = "") -> None:
     """Refuse if ``netns`` is an initial network namespace (or not the one expected)."""
-    if netns in set(initial):
+    if netns in {INIT_NET_INO, *initial}:
         raise SandboxError(f"refusing: {where or 'the sandbox'} is in the initial network namespace "
                            f"(net:[{netns}]); uevents must never be sent there")
     if expected is not None and netns != expected:
@@ -316,7 +321,7 @@ def _holder_setup(spec: dict) -> dict:
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mnt, dev = spec["mnt"], spec["dev"]
     # every bind source must lie on the memfs mount (checked before anything is bound)
-    overlays = []
+    overlays, hidden = [], []
     for rel, target, required in OVERLAYS:
         src = os.path.join(mnt, rel)
         try:
@@ -324,6 +329,8 @@ def _holder_setup(spec: dict) -> dict:
         except FileNotFoundError:
             if required:
                 raise SandboxError(f"refusing: {src} does not exist; is {mnt} a memfs mount?") from None
+            if os.path.isdir(target):
+                hidden.append(target)   # the emulated kernel has none: hide the host's
             continue
         if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" != dev:
             raise SandboxError(f"refusing: {src} is not on the memfs mount at {mnt}")
@@ -367,6 +374,8 @@ def _holder_setup(spec: dict) -> dict:
     # the overlays, bound from the FUSE mount
     for rel, target, src in overlays:
         mount(src, target, None, MS_BIND)
+    for target in hidden:
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "mode=0755,size=4k")
     make_readonly("/proc", recursive=False)
     entries = read_mountinfo()
     check_overlays(entries, dev, [(rel, t) for rel, t, _ in overlays])
