@@ -23,6 +23,7 @@ legend: one character per memory block, 64 per line; the number before a line is
   d n m  the same, with the block's memmap on the block itself (memmap_on_memory)
   X      online, pages in several zones (a boot block)
   .      offline (memmap in RAM)      :  offline, memmap on the block itself
+  ~      going offline (an offline in progress, see offline_latency_ms)
   _      no memory block (a hole in the physical address space)
   |      boundary of a hot-plugged device (ACPI DIMM, virtio-mem, dax/kmem, probe)"""
 
