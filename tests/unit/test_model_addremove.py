@@ -333,9 +333,9 @@ def soft(s: Sys, addr: int) -> int | None:
     return s.write(f"{MEM}/soft_offline_page", f"{addr:#x}\n".encode())
 
 
-@pytest.mark.parametrize("kernel, online_err", [("6.1", EHWPOISON), ("6.19", EHWPOISON), ("5.15", None),
-                                                 ("5.13", None)])
-def test_hwpoison_offline_works_online_ehwpoison_from_6_1(kernel, online_err):
+@pytest.mark.parametrize("kernel, online_err", [("6.6", EHWPOISON), ("6.19", EHWPOISON), ("6.1", None),
+                                                 ("5.15", None), ("5.13", None)])
+def test_hwpoison_offline_works_online_ehwpoison_from_6_2(kernel, online_err):
     s = Sys(machine(kernel))
     dev = s.m.plug(128 * MiB, dev_id="d")
     bid = dev.block_ids[0]

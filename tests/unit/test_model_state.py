@@ -193,7 +193,7 @@ def test_stale_online_type_via_online_file_write_of_1(s):
 
 def test_online_type_reset_after_failed_online():
     from memfs.machine.hotplug import EHWPOISON
-    s = Sys(machine())
+    s = Sys(machine("6.6"))
     s.write(f"{MEM}/memory34/state", b"online_movable")
     s.m.memory_failure(34 * (128 << 20), soft=False)
     assert s.write(f"{MEM}/memory34/state", b"offline") is None
