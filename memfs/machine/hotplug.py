@@ -145,6 +145,7 @@ class Machine:
                 (zidx,) = parts
                 blk.zone = self.nodes[blk.nid].zones[zidx]
         self.nr_memmap_boot_pages = len(present_sections) * self.section_memmap_pages()
+        self.boot_normal_nodes = {n.id for n in self.nodes.values() if n.has_normal_memory()}
         if self.cfg.arch == "x86_64":  # x86 keeps the first 1 MiB reserved (since 5.13)
             low_end = (1 << 20) >> self.page_shift
             for n in self.cfg.nodes:
@@ -856,6 +857,12 @@ class Machine:
             self._changed()
 
     # ------------------------------------------------------------------ accounting views
+    def normal_memory_nodes(self) -> list[int]:
+        """N_NORMAL_MEMORY: up to 6.16 hotplug keeps it in step with the kernel zones."""
+        if self.profile.toggles_normal_memory:
+            return [n for n, node in self.nodes.items() if node.has_normal_memory()]
+        return sorted(self.boot_normal_nodes)
+
     def meminfo(self, nid: int | None = None) -> dict[str, int]:
         """MemTotal/MemFree/MemUsed in kB, system-wide or for one node."""
         nodes = self.nodes.values() if nid is None else [self.nodes[nid]]

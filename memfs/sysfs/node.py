@@ -47,7 +47,7 @@ def node_root(m: Machine) -> DynDir:
         "possible": attr_ro(lambda: nodelist(list(m.nodes))),
         "online": attr_ro(lambda: nodelist(online())),
         "has_memory": attr_ro(lambda: nodelist([n for n, x in m.nodes.items() if x.has_memory()])),
-        "has_normal_memory": attr_ro(lambda: nodelist([n for n, x in m.nodes.items() if x.has_normal_memory()])),
+        "has_normal_memory": attr_ro(lambda: nodelist(m.normal_memory_nodes())),
         "has_cpu": attr_ro(lambda: nodelist([n for n, x in m.nodes.items() if x.cpus])),
     }
     dirs: dict[int, DynDir] = {}
