@@ -84,8 +84,12 @@ def test_unit_command_lines_work_like_systemd_runs_them():
             ns.bind(str(base / "notify"))
             ns.settimeout(30)
             proc = subprocess.Popen(argv(u["ExecStart"][0]), env=dict(os.environ, NOTIFY_SOCKET=str(base / "notify")),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            assert "READY=1" in ns.recv(4096).decode()
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+            msg = ns.recv(4096).decode()
+            if "READY=1" not in msg:
+                proc.kill()
+                pytest.fail(f"no READY=1 but {msg!r}; daemon said:\n{proc.communicate(timeout=10)[1]}")
             assert (Path(env_vars["MEMFS_MOUNT"]) / "sys/devices/system/memory/memory32").is_dir()
             stop = subprocess.run(argv(u["ExecStop"][0]), capture_output=True, text=True, timeout=60)
             assert stop.returncode == 0, stop.stderr

@@ -1,0 +1,51 @@
+"""README.md stays truthful about what the code says: kernel profiles, commands, config keys."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from memfs.cli import build_parser
+from memfs.machine import config
+from memfs.machine.profiles import PROFILES
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+# README column -> KernelProfile field
+PROFILE_COLUMNS = ["memmap_on_memory", "memmap_force", "memmap_split_per_block", "acpi_always_requests",
+                   "dax_kmem_memmap", "online_policy", "cached_zone", "hwpoison_online", "vmstat_memmap",
+                   "crash_hotplug", "toggles_normal_memory"]
+
+
+def test_quick_start_is_two_commands():
+    block = README.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    assert [ln.split("#")[0].strip() for ln in block.strip().splitlines()] == ["./scripts/run", "./scripts/test"]
+
+
+def test_profile_table_matches_profiles():
+    section = README.split("## Kernel profiles", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if re.match(r"\| \d", ln)]
+    seen = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        name = cells[0].split()[0]
+        seen.append(name)
+        flags = [c == "yes" for c in cells[1:]]
+        assert flags == [getattr(PROFILES[name], f) for f in PROFILE_COLUMNS], name
+    assert seen == list(PROFILES)
+
+
+def test_every_command_is_documented():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    section = README.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    for name in sub.choices:
+        assert f"`memfs {name} " in section or f"`memfs {name}`" in section, name
+
+
+def test_every_config_key_is_documented():
+    section = README.split("## Machine description", 1)[1].split("\n## ", 1)[0]
+    keys = (config._TOP_KEYS - {"hotplug", "boot", "node", "dimm"}) | {f"[hotplug] {k}" for k in config._HOTPLUG_KEYS} \
+        | {f"[boot] {k}" for k in config._BOOT_KEYS} | {f"[[node]] {k}" for k in config._NODE_KEYS} \
+        | {f"[[dimm]] {k}" for k in config._DIMM_KEYS}
+    for key in keys:
+        table, _, name = key.rpartition(" ")
+        assert re.search(rf"`{re.escape(table + ' ' if table else '')}[^`]*\b{name}\b", section), key
