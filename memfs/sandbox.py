@@ -246,7 +246,7 @@ class MountEntry:
 def _unescape(s: str) -> str:
     out, i = [], 0
     while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) + 0 and s[i + 1:i + 4].isdigit():
+        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
             out.append(chr(int(s[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -706,6 +706,8 @@ class Sandbox:
 def _kill_wait(proc: subprocess.Popen, holder: int | None, timeout: float = 10.0) -> None:
     """SIGKILL the sandbox's pid 1 (the kernel then kills every process of the pid
     namespace), then reap the middle process that we started."""
+    if holder is None and proc.poll() is None:
+        proc.kill()   # still setting up (no pid namespace yet): nothing else to kill
     if holder is not None and proc.poll() is None:
         # the holder is the middle process's child: make sure the pid is still it
         if _parent_of(holder) == proc.pid:

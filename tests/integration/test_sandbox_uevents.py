@@ -308,3 +308,36 @@ def test_delivery_latency(tmp_path):
     result = {"events": n, "emit_to_kernel_ack": summary(ack), "emit_to_libudev": summary(e2e)}
     print("uevent delivery latency:", json.dumps(result))
     assert result["emit_to_libudev"]["median_ms"] < 100
+
+
+@needs_udev
+def test_memfs_udevd_command(memfs_machine, tmp_path):
+    m, mnt = memfs_machine, str(memfs_machine.path)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "40-memory-online.rules").write_text(ONLINE_RULE)
+    (rules / "README").write_text("not a rules file: ignored\n")
+
+    def memfs(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "memfs", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    r = memfs("udevd", mnt, "--rules", str(rules), "--log", str(tmp_path / "udevd.log"))
+    assert r.returncode == 0 and "udevd running in the sandbox" in r.stdout, r.stderr
+    try:
+        pid = r.stdout.split("(pid ")[1].split()[0]
+        # udevd's own mount namespace: only our rules, copied; the distribution's hidden
+        r = memfs("exec", mnt, "--", "ls", f"/proc/{pid}/root/etc/udev/rules.d",
+                  f"/proc/{pid}/root/usr/lib/udev/rules.d")
+        assert r.stdout.split() == [f"/proc/{pid}/root/etc/udev/rules.d:", "40-memory-online.rules",
+                                    f"/proc/{pid}/root/usr/lib/udev/rules.d:"], r.stderr
+        r = memfs("plug", mnt, "--size", "128M")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: m.read(f"{MEM}/memory42/state") == "online\n", what="udevd to online memory42")
+        r = memfs("exec", mnt, "--", "udevadm", "info", "--query=property", f"{MEM}/memory42")
+        assert "SUBSYSTEM=memory" in r.stdout and "DEVPATH=/devices/system/memory/memory42" in r.stdout
+    finally:
+        r = memfs("udevd", mnt, "--stop")
+    assert r.returncode == 0 and "udevd stopped" in r.stdout, r.stderr
+    r = memfs("exec", mnt, "--", "udevadm", "control", "--ping", "--timeout=1")
+    assert r.returncode != 0
