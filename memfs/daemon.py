@@ -199,6 +199,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
     mnt = os.path.realpath(mnt)
     server: control.ControlServer | None = None
     lock_fd: int | None = None
+    state_file: Any = None  # memfs.persist.StateFile with --state
     try:
         try:
             overrides = {}
@@ -217,14 +218,27 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         from .machine.hotplug import Machine
         from .sysfs.tree import build_tree
 
-        machine = Machine(cfg)
-        tree = build_tree(machine)
         paths = control.paths_in(control.choose_run_dir(), mnt)
         lock_fd = take_lock(paths["lock"], mnt)
+        if state:  # restore (or create) before mounting: a bad file never gets a mount
+            from .persist import DescriptionMismatch, StateError, StateFile
+            try:
+                state_file = StateFile.open(state, cfg)
+            except StateError as e:
+                code = 2 if isinstance(e, DescriptionMismatch) else 1
+                ready.error(code, str(e))
+                log.error("%s", e)
+                return code
+            machine = state_file.machine
+            state = state_file.path
+        else:
+            machine = Machine(cfg)
+        tree = build_tree(machine)
         prepare_mountpoint(mnt)
         info: dict[str, Any] = {"mountpoint": mnt, "pid": os.getpid(), "control_socket": paths["sock"],
                                 "config": os.path.realpath(config) if config else None, "state_file": state}
-        handler = control.Handler(machine, info, on_shutdown=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        handler = control.Handler(machine, info, on_shutdown=lambda: os.kill(os.getpid(), signal.SIGTERM),
+                                  state=state_file)
         server = control.ControlServer(handler, paths["sock"], control_mode)
         server.bind()
         # sandbox hook (memfs/sandbox_cli.py): namespaces + uevent delivery, started once FUSE serves
@@ -248,8 +262,11 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         log.error("%s", e)
         return 1
     finally:
-        if server is None and lock_fd is not None:
-            os.close(lock_fd)
+        if server is None:
+            if state_file is not None:
+                state_file.close(compact=False)
+            if lock_fd is not None:
+                os.close(lock_fd)
 
     def announce() -> None:
         ready.ok()
@@ -268,7 +285,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
 
     code = 0
     try:
-        serve(tree, mnt, ready=on_ready, debug=debug)
+        serve(tree, mnt, ready=on_ready, debug=debug, encoding=fuse_path_encoding(), watch=machine.listeners.append)
     except RuntimeError as e:
         code = 1
         if not ready.ready:
@@ -278,12 +295,39 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         sd_notify("STOPPING=1")
         sandbox_hook.close()
         server.close()
+        if state_file is not None:
+            state_file.close(compact=True)  # later changes (none should come) fail ESHUTDOWN
         os.close(lock_fd)
         log.info("stopped serving %s", mnt)
     if not ready.ready:
         ready.error(1, f"the FUSE mount at {mnt} ended before it was ready; see {paths['log']}")
         return code or 1
     return code
+
+
+FUSE_PATH_ENCODING = "memfs_utf8_surrogateescape"
+
+
+def fuse_path_encoding() -> str:
+    """The codec fusepy decodes request paths with: UTF-8, and any other byte as a lone
+    surrogate (surrogateescape), so that a name that is not UTF-8 (``stat MNT/$'\\xff'``)
+    is looked up, and not found (ENOENT, as on sysfs), instead of failing in fusepy's
+    ``path.decode("utf-8")`` with EINVAL and a traceback in the log.
+    (Passed through ``serve(**options)`` to fusepy's ``FUSE(encoding=)``.)"""
+    import codecs
+
+    def search(name: str) -> codecs.CodecInfo | None:
+        if name != FUSE_PATH_ENCODING:
+            return None
+        utf8 = codecs.lookup("utf-8")
+        return codecs.CodecInfo(lambda s, errors="strict": utf8.encode(s, "surrogateescape"),
+                                lambda b, errors="strict": utf8.decode(b, "surrogateescape"),
+                                name=FUSE_PATH_ENCODING)
+    try:
+        codecs.lookup(FUSE_PATH_ENCODING)
+    except LookupError:
+        codecs.register(search)
+    return FUSE_PATH_ENCODING
 
 
 def parse_mode(text: str) -> int:

@@ -20,19 +20,8 @@ from typing import Any, Callable
 
 
 def watch_machine(m: Any) -> Callable[[Callable[[], Any]], None]:
-    """A ``serve(watch=...)`` for a Machine: every generation bump calls the listener.
-
-    (Wraps the instance's ``_changed``; the model would better offer listeners
-    itself, see docs/performance.md.)
-    """
-    def watch(listener: Callable[[], Any]) -> None:
-        bump = m._changed
-
-        def changed() -> None:
-            bump()
-            listener()
-        m._changed = changed
-    return watch
+    """A ``serve(watch=...)`` for a Machine: every model change calls the listener."""
+    return m.listeners.append
 
 
 def serve_memfs(mnt: str, blocks: int, binding: str | None, opts: dict, entry_cache: bool) -> None:

@@ -84,6 +84,7 @@ class Machine:
         self._depth = 0
         self.events = EventLog()
         self.generation = 0  # bumped by every change: cheap staleness checks for viewers
+        self.listeners: list[Callable[[], None]] = []  # called after every change, under self.lock
         self.nodes: dict[int, Node] = {}
         self.blocks: dict[int, MemoryBlock] = {}
         self.devices: dict[str, HotplugDevice] = {}
@@ -238,6 +239,8 @@ class Machine:
 
     def _changed(self) -> None:
         self.generation += 1
+        for listener in self.listeners:
+            listener()
 
     # ------------------------------------------------------------------ zones
     def default_kernel_zone_for_pfn(self, nid: int, start_pfn: int, nr_pages: int) -> Zone:
