@@ -231,7 +231,11 @@ def test_foreground_notifies_systemd_and_unmounts_on_signal(sig):
                 with control.ControlClient(mnt) as c:
                     assert c.call("ping")["pid"] == proc.pid
                 proc.send_signal(sig)
-                _, err = proc.communicate(timeout=30)
+                try:
+                    _, err = proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    pytest.fail(f"the daemon did not stop on {sig!r}:\n{proc.communicate(timeout=10)[1]}")
                 assert proc.returncode == 0, err
                 assert "STOPPING=1" in ns.recv(4096).decode()
             finally:
