@@ -348,6 +348,11 @@ def _holder_setup(spec: dict) -> dict:
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # /sys read-only, recursively: a write that misses an overlay fails with EROFS
     make_readonly("/sys", recursive=True)
+    # the overlays, bound from the FUSE mount (before /run is replaced: MNT may be below it)
+    for rel, target, src in overlays:
+        mount(src, target, None, MS_BIND)
+    for target in hidden:
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "mode=0755,size=4k")
     # minimal /dev: no disks, no /dev/mem
     mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m")
     for name, fd in dev_fds.items():
@@ -364,18 +369,16 @@ def _holder_setup(spec: dict) -> dict:
     for i, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{i}", f"/dev/{name}")
     os.symlink("/proc/self/fd", "/dev/fd")
-    # private /run (own /run/udev; no sockets of host daemons)
+    # private /run (own /run/udev; no sockets of host daemons) with the extra binds (the
+    # memfs run directory), whose sources are opened first: /run is about to be covered
+    bind_fds = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in spec.get("binds", [])]
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for d in ("/run/lock", "/run/memfs"):
         os.makedirs(d, exist_ok=True)
-    for src, dst in spec.get("binds", []):
+    for fd, dst in bind_fds:
         os.makedirs(dst, exist_ok=True)
-        mount(src, dst, None, MS_BIND | MS_REC)
-    # the overlays, bound from the FUSE mount
-    for rel, target, src in overlays:
-        mount(src, target, None, MS_BIND)
-    for target in hidden:
-        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "mode=0755,size=4k")
+        mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | MS_REC)
+        os.close(fd)
     make_readonly("/proc", recursive=False)
     entries = read_mountinfo()
     check_overlays(entries, dev, [(rel, t) for rel, t, _ in overlays])

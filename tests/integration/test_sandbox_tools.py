@@ -111,3 +111,24 @@ def test_sandbox_hides_disks_and_protects_real_sysfs(memfs_machine):
     # a memfs attribute stays writable
     assert m.run("sh", "-c", f"echo online > {MEM}/memory32/state").returncode == 0
     assert m.read(f"{MEM}/memory32/state") == "online\n"
+
+
+def test_mount_below_run_and_memfs_commands_inside_the_sandbox():
+    """/run is a private tmpfs in the sandbox: a mount point below /run still works, and the
+    memfs run directory is bound in, so `memfs status MNT` works from inside."""
+    import tempfile
+    from memfs.pytest_plugin import _cleanup, memfs_cli
+    os.makedirs("/run/memfs", exist_ok=True)
+    base = tempfile.mkdtemp(prefix="sbx-test-", dir="/run/memfs")
+    mnt = os.path.join(base, "mnt")
+    try:
+        r = memfs_cli("mount", mnt, "--sandbox")
+        assert r.returncode == 0, r.stderr
+        r = memfs_cli("exec", mnt, "--", sys.executable, "-m", "memfs", "status", mnt)
+        assert r.returncode == 0, r.stderr
+        assert f"memfs at {mnt}" in r.stdout
+        r = memfs_cli("exec", mnt, "--", "lsmem", "-o", "BLOCK", "-n", "--summary=never")
+        assert r.stdout.split() == ["0-7", "32-41"]
+    finally:
+        _cleanup(__import__("pathlib").Path(mnt), None)
+        shutil.rmtree(base, ignore_errors=True)
