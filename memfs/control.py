@@ -16,6 +16,10 @@ the reply is ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "code": "EBUSY
     alloc    kind, size, [node, block]          -> allocation
     free     id                                 -> id
     events   [since, wait]                      -> seqnum, events
+    state    [digest]                           -> state (the --state file: path, operations
+                                                   saved, journal length...; null without one),
+                                                   digest (with digest: true; SHA-256 of the
+                                                   whole model state, memfs.persist.digest)
     shutdown                                    -> pid (the daemon then unmounts and exits)
 
 Sizes are byte counts or strings like "128M" / "0x8000000". Every op goes through the
@@ -39,7 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 DEFAULT_MODE = 0o600
-OPS = ("ping", "status", "plug", "unplug", "alloc", "free", "events", "shutdown")
+OPS = ("ping", "status", "plug", "unplug", "alloc", "free", "events", "state", "shutdown")
 
 
 # ---------------------------------------------------------------------- paths
@@ -131,6 +135,7 @@ _FIELDS = {
     "alloc": {"kind", "size", "node", "block"},
     "free": {"id"},
     "events": {"since", "wait"},
+    "state": {"digest"},
 }
 
 
@@ -146,9 +151,10 @@ class Handler:
     """Turns request lines into reply objects for one Machine (no sockets: unit-testable)."""
 
     def __init__(self, machine: Any, info: dict[str, Any] | None = None,
-                 on_shutdown: Callable[[], None] | None = None) -> None:
+                 on_shutdown: Callable[[], None] | None = None, state: Any = None) -> None:
         self.m = machine
         self.info = dict(info or {})
+        self.state = state  # memfs.persist.StateFile, or None
         self.on_shutdown = on_shutdown
         self.shutdown_requested = False
 
@@ -249,6 +255,18 @@ class Handler:
             raise BadRequest("events: wait must be between 0 and 60 seconds")
         evs = self.m.events.wait_after(since, wait) if wait else self.m.events.since(since)
         return {"seqnum": self.m.events.seqnum, "events": [_event_dict(e) for e in evs]}
+
+    def op_state(self, req: dict) -> dict:
+        want = _field(req, "digest", (bool,), False)
+        with self.m.lock:
+            out: dict[str, Any] = {"state": self.state.info() if self.state is not None else None}
+            if want:
+                from .persist import CodecError, digest
+                try:
+                    out["digest"] = digest(self.m)
+                except CodecError as e:
+                    raise OSError(errno.EOPNOTSUPP, f"no digest: {e}") from None
+        return out
 
     def op_shutdown(self, req: dict) -> dict:
         self.shutdown_requested = True
