@@ -293,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--foreground", action="store_true",
                     help="serve in this process until unmounted (for service managers; sends READY=1 to "
                          "$NOTIFY_SOCKET when set)")
-    sp.add_argument("--state", metavar="FILE", help="state file: recorded and shown by status; "
-                                                    "saving/restoring state is not implemented yet")
+    sp.add_argument("--state", metavar="FILE",
+                    help="keep the machine in FILE: every change is saved (fsynced) before the write "
+                         "or request that made it returns, and the next mount with the same FILE "
+                         "resumes from it (created if missing; a corrupt file, or one made for "
+                         "another machine description, is refused: exit 1 or 2)")
     sp.add_argument("--control-mode", type=parse_mode, metavar="MODE",
                     help="permission bits of the control socket (octal; default 0600: owner only)")
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",

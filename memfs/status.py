@@ -211,7 +211,7 @@ def render_text(s: dict[str, Any]) -> str:
                f"{human_size(bs)} blocks, auto_online_blocks={s['auto_online_blocks']}, "
                f"memmap_on_memory={str(s['memmap_on_memory']).lower()}")
     if s.get("state_file"):
-        out.append(f"state file: {s['state_file']} (recorded only; state is not saved yet)")
+        out.append(f"state file: {s['state_file']} (every change is saved there; the next mount with it resumes)")
     mi = s["meminfo"]
     out.append(f"MemTotal: {mi['MemTotal']:>12} kB   MemFree: {mi['MemFree']:>12} kB   "
                f"blocks: {len(blocks)} ({n_on} online, {len(blocks) - n_on} offline)")
