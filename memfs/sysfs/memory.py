@@ -147,7 +147,7 @@ class BlockDirs:
         if not name.startswith("memory"):
             return None
         digits = name[6:]
-        if not digits.isdigit() or (digits[0] == "0" and len(digits) > 1):
+        if not (digits.isascii() and digits.isdigit()) or (digits[0] == "0" and len(digits) > 1):
             return None
         bid = int(digits)
         mem = self.m.blocks.get(bid)
@@ -209,7 +209,7 @@ def memory_root(m: Machine, blocks: BlockDirs) -> DynDir:
 def bus_memory(m: Machine) -> Dir:
     """/sys/bus/memory: devices/memoryN links plus the bus's own files."""
     def lookup(name: str) -> Node | None:
-        if name.startswith("memory") and name[6:].isdigit() and int(name[6:]) in m.blocks \
+        if name.startswith("memory") and name[6:].isascii() and name[6:].isdigit() and int(name[6:]) in m.blocks \
                 and str(int(name[6:])) == name[6:]:
             return Link(f"../../../devices/system/memory/{name}")
         return None

@@ -31,7 +31,7 @@ def node_dir(m: Machine, nid: int) -> DynDir:
         hit = fixed.get(name)
         if hit is not None:
             return hit
-        if name.startswith("memory") and name[6:].isdigit() and str(int(name[6:])) == name[6:] \
+        if name.startswith("memory") and name[6:].isascii() and name[6:].isdigit() and str(int(name[6:])) == name[6:] \
                 and int(name[6:]) in node.blocks:
             return Link(f"../../memory/{name}")
         return None
@@ -56,7 +56,7 @@ def node_root(m: Machine) -> DynDir:
         hit = fixed.get(name)
         if hit is not None:
             return hit
-        if name.startswith("node") and name[4:].isdigit() and str(int(name[4:])) == name[4:]:
+        if name.startswith("node") and name[4:].isascii() and name[4:].isdigit() and str(int(name[4:])) == name[4:]:
             nid = int(name[4:])
             if nid in m.nodes and m.nodes[nid].online:
                 if nid not in dirs:
