@@ -25,6 +25,12 @@ the reply is ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "code": "EBUSY
 Sizes are byte counts or strings like "128M" / "0x8000000". Every op goes through the
 Machine's public methods, which take ``machine.lock``. A malformed request gets an error
 reply (EINVAL, or EOPNOTSUPP for an unknown op); the connection stays usable.
+
+Limits, so that no client can wedge or exhaust the daemon: a request line is at most
+64 KiB (a longer one gets E2BIG and the connection is closed); at most 64 connections
+are served at once (the next gets EAGAIN and is closed); a client that does not read
+its reply within 30 s is dropped. No op names a host path: the daemon opens no file
+on a client's behalf.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import threading
 from typing import Any, Callable
 
@@ -43,6 +50,12 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 DEFAULT_MODE = 0o600
+#: connections served at once; more get an EAGAIN reply and are closed
+MAX_CONNECTIONS = 64
+#: a client that does not take its reply within this many seconds is dropped
+SEND_TIMEOUT = 30
+#: longest device id (printable characters only)
+MAX_ID = 64
 OPS = ("ping", "status", "plug", "unplug", "alloc", "free", "events", "state", "shutdown")
 
 
@@ -165,6 +178,8 @@ class Handler:
                 req = json.loads(line)
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"request is not valid JSON: {e}") from None
+            except RecursionError:
+                raise BadRequest("request is nested too deeply") from None
             if not isinstance(req, dict):
                 raise BadRequest("request must be a JSON object like {\"op\": \"status\"}")
             op = req.get("op")
@@ -212,8 +227,8 @@ class Handler:
             raise BadRequest("plug: memmap_on_memory can be requested for driver dax_kmem only; an ACPI "
                              "DIMM gets it from the boot parameter (boot.memmap_on_memory) and the kernel "
                              "profile, virtio-mem and probe never use it")
-        if dev_id is not None and not dev_id:
-            raise BadRequest("plug: id must not be empty")
+        if dev_id is not None and not (0 < len(dev_id) <= MAX_ID and dev_id.isprintable()):
+            raise BadRequest(f"plug: id must be 1 to {MAX_ID} printable characters, e.g. dimm4")
         dev = self.m.plug(size, node=node, addr=addr, dev_id=dev_id, driver=driver, memmap_on_memory=mom)
         with self.m.lock:
             blocks = [{"id": b, "state": self.m.blocks[b].state} for b in dev.block_ids if b in self.m.blocks]
@@ -289,6 +304,7 @@ class ControlServer:
         self.sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def bind(self) -> None:
         """Create the socket (replacing a stale one) with its mode set before anyone can connect."""
@@ -322,10 +338,28 @@ class ControlServer:
                 if self._closing:
                     return
                 continue
-            threading.Thread(target=self._serve_conn, args=(conn,), name="memfs-control-conn",
-                             daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                with conn:
+                    conn.settimeout(1)
+                    _send(conn, error_reply(errno.EAGAIN, f"too many control connections "
+                                                          f"({MAX_CONNECTIONS}); try again"))
+                continue
+            try:
+                threading.Thread(target=self._serve_conn, args=(conn,), name="memfs-control-conn",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep serving
+                self._slots.release()
+                conn.close()
 
     def _serve_conn(self, conn: socket.socket) -> None:
+        try:
+            # blocking socket, but a reply nobody takes does not pin this thread forever
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
+            self._serve(conn)
+        finally:
+            self._slots.release()
+
+    def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as rf:
             while True:
                 try:
