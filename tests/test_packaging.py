@@ -31,10 +31,13 @@ def _unit_lines() -> dict[str, list[str]]:
 def test_unit_content():
     u = _unit_lines()
     assert u["Type"] == ["notify"]
-    assert u["ExecStart"] == ["/usr/local/bin/memfs mount --foreground --config ${MEMFS_CONFIG} ${MEMFS_MOUNT}"]
+    assert u["ExecStart"] == ["/usr/local/bin/memfs mount --foreground --config ${MEMFS_CONFIG} "
+                              "--state ${MEMFS_STATE} ${MEMFS_MOUNT}"]
     assert u["ExecStop"] == ["/usr/local/bin/memfs umount ${MEMFS_MOUNT}"]
     assert "MEMFS_CONFIG=/etc/memfs/%i.toml" in u["Environment"]
     assert "MEMFS_MOUNT=/run/memfs/%i" in u["Environment"]
+    assert "MEMFS_STATE=/var/lib/memfs/%i.state" in u["Environment"]
+    assert u["StateDirectory"] == ["memfs"] and u["StateDirectoryMode"] == ["0700"]
     assert u["Restart"] == ["on-failure"]
     assert u["DeviceAllow"] == ["/dev/fuse rwm"]
     # options that would hide the mount in a private mount namespace
@@ -69,7 +72,8 @@ def test_unit_command_lines_work_like_systemd_runs_them():
     from memfs.machine.config import default_text
     u = _unit_lines()
     base = Path(tempfile.mkdtemp(prefix="memfs-test-", dir="/tmp"))
-    env_vars = {"MEMFS_MOUNT": str(base / "run/lab"), "MEMFS_CONFIG": str(base / "lab.toml")}
+    env_vars = {"MEMFS_MOUNT": str(base / "run/lab"), "MEMFS_CONFIG": str(base / "lab.toml"),
+                "MEMFS_STATE": str(base / "lab.state")}
     Path(env_vars["MEMFS_CONFIG"]).write_text(default_text())
 
     def argv(line: str) -> list[str]:
