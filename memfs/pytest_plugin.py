@@ -20,6 +20,7 @@ a usable fusermount) and /dev/fuse.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -141,11 +142,11 @@ def _cleanup(path: Path, pid: int | None) -> None:
         deadline = time.monotonic() + 10
         while not _pid_gone(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-    for d in control.run_dirs():
-        with contextlib.suppress(OSError):
-            for p in control.paths_in(d, path).values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+    key = control.mount_key(path)
+    for d in control.run_dirs():  # <key>.sock/.lock/.log and whatever else the daemon kept there
+        for p in glob.glob(os.path.join(glob.escape(d), key + ".*")):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
 
 
 @contextlib.contextmanager
