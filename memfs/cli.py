@@ -154,7 +154,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
                            f"{_log_tail(paths['log'])}")
 
 
-def _pid_gone(pid: int) -> bool:
+def pid_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts: it is not ours to reap)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
@@ -180,7 +181,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
         pid = client.call("shutdown")["pid"]
     deadline = time.monotonic() + a.timeout
     while time.monotonic() < deadline:
-        if _pid_gone(pid) and FSTYPE not in mounts_at(mnt):
+        if pid_gone(pid) and FSTYPE not in mounts_at(mnt):
             return EXIT_OK
         time.sleep(0.05)
     if FSTYPE in mounts_at(mnt):

@@ -35,6 +35,8 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 
+from memfs.cli import pid_gone as _pid_gone
+
 CLI_TIMEOUT = 60.0
 
 
@@ -57,14 +59,6 @@ def memfs_cli(*args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | No
     argv = [*prefix, python or sys.executable, "-m", "memfs", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
                           stdin=subprocess.DEVNULL)
-
-
-def _pid_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 class MemfsMount:

@@ -135,7 +135,8 @@ def human_size(n: int) -> str:
 
 
 def id_ranges(ids: list[int]) -> str:
-    """[32, 34, 35, 36] -> "32,34-36"."""
+    """[32, 34, 35, 36] -> "32,34-36" (sysfs.node.nodelist's format; not imported from there
+    so that rendering a status reply does not load the model)."""
     out: list[str] = []
     ids = sorted(ids)
     i = 0
