@@ -19,6 +19,8 @@ from . import __version__, control
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_NOT_MOUNTED = 0, 1, 2, 3, 4
 DRIVERS = ("acpi", "probe", "dax_kmem", "virtio_mem")
+#: seconds an unplug may take: offlining is slow with offline_latency_ms (up to 60 s a block)
+UNPLUG_TIMEOUT = 600.0
 
 
 class Fail(Exception):
@@ -221,7 +223,7 @@ def cmd_plug(a: argparse.Namespace) -> int:
 
 def cmd_unplug(a: argparse.Namespace) -> int:
     try:
-        r = _call(a, "unplug", id=a.id)
+        r = _call(a, "unplug", timeout=UNPLUG_TIMEOUT, id=a.id)
     except control.ControlError as e:
         if e.errno == errno.EBUSY:
             raise Fail(EXIT_BUSY, f"cannot unplug {a.id}: {e.message}; nothing changed. A block of it "
