@@ -217,13 +217,15 @@ def test_control_mode_option(memfs_mount):
 def test_foreground_notifies_systemd_and_unmounts_on_signal(sig):
     with fresh_dir() as mnt:
         notify_path = str(mnt.parent / "notify")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        log = mnt.parent / "daemon.log"
+        # the log is a file, not a pipe: helpers the daemon starts (the sandbox) inherit it,
+        # and the test is about the daemon's own exit
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns, open(log, "w") as logf:
             ns.bind(notify_path)
             ns.settimeout(30)
             env = dict(os.environ, NOTIFY_SOCKET=notify_path)
             proc = subprocess.Popen([sys.executable, "-m", "memfs", "mount", str(mnt), "--foreground"],
-                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+                                    env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
             try:
                 msg = ns.recv(4096).decode()
                 assert "READY=1" in msg and f"MAINPID={proc.pid}" in msg
@@ -232,17 +234,19 @@ def test_foreground_notifies_systemd_and_unmounts_on_signal(sig):
                     assert c.call("ping")["pid"] == proc.pid
                 proc.send_signal(sig)
                 try:
-                    _, err = proc.communicate(timeout=30)
+                    rc = proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-                    pytest.fail(f"the daemon did not stop on {sig!r}:\n{proc.communicate(timeout=10)[1]}")
-                assert proc.returncode == 0, err
+                    proc.wait(10)
+                    pytest.fail(f"the daemon did not stop on {sig!r}:\n{log.read_text()}")
+                assert rc == 0, log.read_text()
                 assert "STOPPING=1" in ns.recv(4096).decode()
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(10)
         assert mounts_at(mnt) == []
+        err = log.read_text()
         assert "serving" in err and "stopped serving" in err
 
 
