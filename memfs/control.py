@@ -44,6 +44,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, self.mode)
-        s.listen(16)
+        s.listen(128)
         self.sock = s
 
     def start(self) -> None:
@@ -420,6 +421,22 @@ class ControlError(Exception):
         self.reply = reply or {}
 
 
+def _connect(s: socket.socket, path: str, timeout: float) -> None:
+    """connect(2), waiting (up to ``timeout``) while the daemon's listen backlog is full:
+    a unix socket with a timeout fails EAGAIN at once instead of waiting for room."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            s.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() + delay > deadline:
+                raise OSError(errno.ETIMEDOUT, f"the memfs daemon accepts no connection on {path}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 class ControlClient:
     """``with ControlClient(mnt) as c: c.call("plug", size="128M")``.
 
@@ -439,7 +456,7 @@ class ControlClient:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(timeout)
             try:
-                s.connect(path)
+                _connect(s, path, timeout)
             except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
                 s.close()
                 continue
