@@ -431,6 +431,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """rename(2) that fails EEXIST instead of replacing ``dst``: renameat2(RENAME_NOREPLACE),
+    or link(2) + unlink(2) where that is not supported (the open descriptor then shows the
+    temporary name as deleted in /proc, which is only cosmetic)."""
+    import ctypes
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst)
+    os.unlink(src)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -697,14 +718,10 @@ class StateFile:
             raise StateError(f"cannot create the state file {path}: {e.strerror}") from None
         try:
             try:
-                os.link(tmp, path)  # never replaces a file that appeared meanwhile
+                _rename_noreplace(tmp, path)  # never replaces a file that appeared meanwhile
             except FileExistsError:
                 os.close(fd)
                 return None
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                os.rename(tmp, path)  # a filesystem without hard links
             _fsync_dir(path)
         except OSError as e:
             os.close(fd)

