@@ -54,6 +54,7 @@ ENTRY_TIMEOUT = 3600
 #: (or whose LOOKUP started) before the bump is invalid on its next use.
 FUSE_NOTIFY_INC_EPOCH = 8
 _EPOCH_MSG = struct.pack("<IiQ", 16, FUSE_NOTIFY_INC_EPOCH, 0)  # struct fuse_out_header
+_PATH_CACHE_MAX = 1 << 20  # entries; a full listing of 65,536 blocks x 12 files fits
 
 _O_ACCMODE = os.O_ACCMODE
 
@@ -89,6 +90,12 @@ class SysfsOperations(_fusepy.Operations):
         self._binding = binding if binding is not None else _fusepy
         self._dev_fd: int | None = None  # /dev/fuse, once mounted, if entries are cached
         self.entry_cache = False  # set by serve() when the kernel may cache entries
+        # path -> node, kept only while the tree's owner reports changes (serve(watch=)):
+        # each FUSE request carries a full path, and resolving it again costs a lookup
+        # per component. Cleared by invalidate(); `_path_gen` keeps a resolve that raced
+        # with a change from caching what it found before the change.
+        self._paths: dict[str, Node] | None = None
+        self._path_gen = 0
         self._handles: dict[int, _Handle] = {}
         self._lock = threading.Lock()
         self._fh_counter = itertools.count(1)
@@ -194,6 +201,10 @@ class SysfsOperations(_fusepy.Operations):
         the kernel, so it is safe from any thread, with or without the model's
         lock held.  Returns False when entries are not cached (nothing to do).
         """
+        if self._paths is not None:
+            with self._lock:
+                self._path_gen += 1
+                self._paths = {}
         fd = self._dev_fd
         if fd is None:
             return False
@@ -206,15 +217,28 @@ class SysfsOperations(_fusepy.Operations):
 
     # -- namespace --------------------------------------------------------
 
+    def _resolve(self, path: str) -> Node:
+        paths = self._paths
+        if paths is None:
+            return self.tree.resolve(path)
+        node = paths.get(path)
+        if node is None:
+            gen = self._path_gen
+            node = self.tree.resolve(path)
+            with self._lock:
+                if gen == self._path_gen and len(self._paths) < _PATH_CACHE_MAX:
+                    self._paths[path] = node
+        return node
+
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
         if fh:  # fstat on an open attribute: works even if it was removed
             h = self._handles.get(fh)
             if h is not None:
                 return self._stat(h.attr)
-        return self._stat(self.tree.resolve(path))
+        return self._stat(self._resolve(path))
 
     def readdir(self, path: str, fh: int) -> Iterator[tuple[str, dict[str, int], int]]:
-        node = self.tree.resolve(path)
+        node = self._resolve(path)
         if not isinstance(node, DirNode):
             raise _err(errno.ENOTDIR)
         # libfuse only takes the file type (d_type) from these stats, so pass
@@ -228,7 +252,7 @@ class SysfsOperations(_fusepy.Operations):
         return iter(out)
 
     def readlink(self, path: str) -> str:
-        node = self.tree.resolve(path)
+        node = self._resolve(path)
         if not isinstance(node, Link):
             raise _err(errno.EINVAL)
         return node.target
@@ -241,7 +265,7 @@ class SysfsOperations(_fusepy.Operations):
     # -- file I/O ---------------------------------------------------------
 
     def open(self, path: str, flags: int) -> int:
-        node = self.tree.resolve(path)
+        node = self._resolve(path)
         if not isinstance(node, Attr):
             # The kernel never opens dirs/links through FUSE open().
             raise _err(errno.EISDIR if isinstance(node, DirNode) else errno.ELOOP)
@@ -287,7 +311,7 @@ class SysfsOperations(_fusepy.Operations):
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         # No-op for attributes so `echo x > attr` (O_TRUNC) works.
         h = self._handles.get(fh) if fh else None
-        node: Node = h.attr if h is not None else self.tree.resolve(path)
+        node: Node = h.attr if h is not None else self._resolve(path)
         if isinstance(node, DirNode):
             raise _err(errno.EISDIR)
         if not isinstance(node, Attr):
@@ -510,9 +534,11 @@ def serve(
     """
     mod = load_binding(binding)
     ops = SysfsOperations(tree, ready=ready, binding=mod)
+    if watch is not None:
+        ops._paths = {}
+        watch(ops.invalidate)
     if watch is not None and kernel_has_epoch():
         ops.entry_cache = True
         options = {"entry_timeout": ENTRY_TIMEOUT, "negative_timeout": ENTRY_TIMEOUT, **options}
-        watch(ops.invalidate)
     mount_operations(ops, mountpoint, binding=binding, foreground=foreground,
                      allow_other=allow_other, debug=debug, **options)
