@@ -5,7 +5,7 @@ import errno
 
 from ..machine.blocks import ONLINE_TYPE_NAMES, MemoryBlock
 from ..machine.hotplug import Machine
-from .kernfs import Attr, Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo
+from .kernfs import Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo
 from .parse import kstrtobool, kstrtoull, sysfs_match_string
 
 _KOBJ_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..machine.hotplug import Machine
-from .kernfs import Dir, DynDir, Link, Node, attr_ro
+from .kernfs import DynDir, Link, Node, attr_ro
 from .procfs import node_meminfo
 
 

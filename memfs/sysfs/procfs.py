@@ -108,7 +108,7 @@ def zoneinfo(m: Machine) -> str:
                 wmin, low, high = watermarks(m, zone)
                 free = zone.free if zone.populated() else 0
                 out.append(f"  pages free     {free}")
-                out += [f"        boost    0", f"        min      {wmin}", f"        low      {low}",
+                out += ["        boost    0", f"        min      {wmin}", f"        low      {low}",
                         f"        high     {high}", f"        spanned  {zone.spanned}",
                         f"        present  {zone.present}", f"        managed  {zone.managed}",
                         f"        cma      {zone.cma}"]

@@ -3,7 +3,6 @@ sandbox leaves nothing behind. Every mount here is either a test-local FUSE moun
 (tests/fusehelpers.py) or inside a private mount namespace of a child process."""
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os

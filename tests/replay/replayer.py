@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from memfs.machine.config import load_config
 from memfs.machine.hotplug import Machine
-from memfs.sysfs.kernfs import Attr, DirNode, Link, Tree
+from memfs.sysfs.kernfs import Attr, Link, Tree
 from memfs.sysfs.tree import build_tree
 
 from .traces import Dump, HostAdd, HostDel, Trace, Write

@@ -3,7 +3,6 @@
 Skipped when the reference traces are not available (see traces.traces_dir()).
 """
 import errno
-import os
 import re
 import sys
 from pathlib import Path

@@ -11,33 +11,16 @@ import errno
 import pytest
 
 from memfs.machine.blocks import MMOP_OFFLINE, MMOP_ONLINE_MOVABLE
-from memfs.machine.config import load_config
 from memfs.machine.hotplug import Machine
-from memfs.sysfs.tree import build_tree
+
+from .sysroot import Sysroot, machine
 
 MEM = "/sys/devices/system/memory"
 
 
-def machine(kernel: str = "6.1", **overrides) -> Machine:
-    """The reference VM (three offline DIMMs: memory32, memory33, memory34..41)."""
-    return Machine(load_config(None, overrides=overrides, kernel=kernel))
 
 
-class Sys:
-    def __init__(self, m: Machine) -> None:
-        self.m = m
-        self.tree = build_tree(m)
-
-    def read(self, path: str) -> str:
-        return self.tree.resolve(path).show()
-
-    def write(self, path: str, data: bytes) -> int | None:
-        """errno of the store, None on success."""
-        try:
-            self.tree.resolve(path).store(data)
-        except OSError as e:
-            return e.errno
-        return None
+class Sys(Sysroot):
 
     def state(self, bid: int) -> str:
         return self.read(f"{MEM}/memory{bid}/state").rstrip("\n")

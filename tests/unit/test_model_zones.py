@@ -6,15 +6,14 @@ auto_movable_can_online_movable() (auto-movable), resize_zone_range(), shrink_zo
 """
 from __future__ import annotations
 
-import copy
-import errno
 import tomllib
 
 import pytest
 
-from memfs.machine.config import default_text, from_dict, load_config
+from memfs.machine.config import from_dict
 from memfs.machine.hotplug import Machine
-from memfs.sysfs.tree import build_tree
+
+from .sysroot import Sysroot, machine
 
 MEM = "/sys/devices/system/memory"
 PARAMS = "/sys/module/memory_hotplug/parameters"
@@ -22,24 +21,9 @@ MiB, GiB = 1 << 20, 1 << 30
 PPB = 32768  # pages per 128 MiB block
 
 
-def machine(kernel: str = "6.1", **overrides) -> Machine:
-    return Machine(load_config(None, overrides=overrides, kernel=kernel))
 
 
-class Sys:
-    def __init__(self, m: Machine) -> None:
-        self.m = m
-        self.tree = build_tree(m)
-
-    def read(self, path: str) -> str:
-        return self.tree.resolve(path).show()
-
-    def write(self, path: str, data: bytes) -> int | None:
-        try:
-            self.tree.resolve(path).store(data)
-        except OSError as e:
-            return e.errno
-        return None
+class Sys(Sysroot):
 
     def set_state(self, bid: int, word: str) -> None:
         err = self.write(f"{MEM}/memory{bid}/state", word.encode() + b"\n")

@@ -11,10 +11,10 @@ import re
 
 import pytest
 
-from memfs.machine.config import load_config
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.kernfs import Attr
-from memfs.sysfs.tree import build_tree
+
+from .sysroot import Sysroot, machine
 
 MEM = "/sys/devices/system/memory"
 NODE = "/sys/devices/system/node"
@@ -23,24 +23,9 @@ MiB = 1 << 20
 UUID = "12345678-9abc-def0-1234-56789ABCDEF0"
 
 
-def machine(kernel: str = "6.1", **overrides) -> Machine:
-    return Machine(load_config(None, overrides=overrides, kernel=kernel))
 
 
-class Sys:
-    def __init__(self, m: Machine) -> None:
-        self.m = m
-        self.tree = build_tree(m)
-
-    def read(self, path: str) -> str:
-        return self.tree.resolve(path).show()
-
-    def write(self, path: str, data: bytes) -> int | None:
-        try:
-            self.tree.resolve(path).store(data)
-        except OSError as e:
-            return e.errno
-        return None
+class Sys(Sysroot):
 
     def exists(self, path: str) -> bool:
         try:
