@@ -299,13 +299,16 @@ class SysfsOperations(_fusepy.Operations):
         return chunk
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        attr = self._handle(fh).attr
+        h = self._handle(fh)
+        attr = h.attr
         if not attr.is_alive():
             raise _err(errno.ENODEV)
         n = len(data)
         if n == 0:
             return 0
         attr.store(data[:STORE_MAX] if n > STORE_MAX else data)  # type: ignore[misc]
+        if h.data is not None:
+            h.dirty = True  # like seq_file: a read from offset 0 after a write shows the new value
         return n  # the whole buffer counts as consumed, as sysfs stores do
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+from collections import deque
 import threading
 import time
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ class Machine:
         self.groups: dict[int, MemoryGroup] = {}
         self._next_group = 0
         self.allocator = Allocator(self)
-        self.ost_log: list[Ost] = []
+        self.ost_log: deque[Ost] = deque(maxlen=10_000)  # recent ACPI _OST reports
         self.poisoned: set[int] = set()
         # module parameters and sysfs knobs
         b = cfg.boot
@@ -618,10 +619,11 @@ class Machine:
         """Hot-add a device, like QEMU's device_add (acpi) or a driver binding."""
         with self.lock:
             if dev_id is None:
+                prefix = "dimm" if driver == "acpi" else driver  # QEMU-like: dimm1, dimm2, ...
                 i = 1
-                while f"{driver}{i}" in self.devices or f"dimm{i}" in self.devices:
+                while f"{prefix}{i}" in self.devices:
                     i += 1
-                dev_id = f"dimm{i}" if driver == "acpi" else f"{driver}{i}"
+                dev_id = f"{prefix}{i}"
             if dev_id in self.devices:
                 raise OSError(errno.EEXIST, f"a device called {dev_id!r} exists already")
             if size <= 0 or size % self.block_size:

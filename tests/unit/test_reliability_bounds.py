@@ -40,8 +40,6 @@ def test_event_history_is_bounded():
     assert len(m.events.history) == cap
 
 
-@pytest.mark.xfail(strict=True, reason="Machine.ost_log (ACPI _OST reports) keeps every report forever: 3 per "
-                                       "ACPI plug + eject, ~60 bytes each; see the reliability report")
 def test_acpi_ost_reports_are_bounded():
     m = Machine.from_config()
     for i in range(20_000):
