@@ -12,6 +12,12 @@ Before mounting, the daemon takes an flock on ``<run dir>/<key>.lock`` (so two d
 never serve one mount point), removes a dead memfs mount left at MNT (its daemon was
 killed: statfs fails with ENOTCONN), and refuses a live mount or any other filesystem
 there: it never stacks mounts.
+
+With ``--state FILE`` (memfs.persist) the machine is restored from FILE, or FILE is
+created, after the lock is taken and before anything is mounted: a corrupt or foreign file
+(exit 1) or one made for another description (exit 2) is refused and nothing is mounted.
+Every change is then saved to FILE before it is acknowledged (if it cannot be, the daemon
+stops at once, exit 74), and FILE is compacted at a clean exit.
 """
 from __future__ import annotations
 
