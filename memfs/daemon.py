@@ -291,7 +291,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
 
     code = 0
     try:
-        serve(tree, mnt, ready=on_ready, debug=debug, encoding=fuse_path_encoding(), watch=machine.listeners.append)
+        serve(tree, mnt, ready=on_ready, debug=debug, watch=machine.listeners.append)
     except RuntimeError as e:
         code = 1
         if not ready.ready:
@@ -309,31 +309,6 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         ready.error(1, f"the FUSE mount at {mnt} ended before it was ready; see {paths['log']}")
         return code or 1
     return code
-
-
-FUSE_PATH_ENCODING = "memfs_utf8_surrogateescape"
-
-
-def fuse_path_encoding() -> str:
-    """The codec fusepy decodes request paths with: UTF-8, and any other byte as a lone
-    surrogate (surrogateescape), so that a name that is not UTF-8 (``stat MNT/$'\\xff'``)
-    is looked up, and not found (ENOENT, as on sysfs), instead of failing in fusepy's
-    ``path.decode("utf-8")`` with EINVAL and a traceback in the log.
-    (Passed through ``serve(**options)`` to fusepy's ``FUSE(encoding=)``.)"""
-    import codecs
-
-    def search(name: str) -> codecs.CodecInfo | None:
-        if name != FUSE_PATH_ENCODING:
-            return None
-        utf8 = codecs.lookup("utf-8")
-        return codecs.CodecInfo(lambda s, errors="strict": utf8.encode(s, "surrogateescape"),
-                                lambda b, errors="strict": utf8.decode(b, "surrogateescape"),
-                                name=FUSE_PATH_ENCODING)
-    try:
-        codecs.lookup(FUSE_PATH_ENCODING)
-    except LookupError:
-        codecs.register(search)
-    return FUSE_PATH_ENCODING
 
 
 def parse_mode(text: str) -> int:

@@ -461,12 +461,38 @@ def default_options(allow_other: bool | None = None) -> dict[str, Any]:
     return opts
 
 
+PATH_ENCODING = "memfs_utf8_surrogateescape"
+
+
+def path_encoding() -> str:
+    """The codec fusepy decodes request paths with: UTF-8, and any other byte as a lone
+    surrogate (surrogateescape), so that a name that is not UTF-8 (``stat MNT/$'\\xff'``)
+    is looked up, and not found (ENOENT, as on sysfs), instead of failing in fusepy's
+    ``path.decode("utf-8")`` with EINVAL and a traceback in the log.
+    (The default ``encoding=`` of every mount.)"""
+    import codecs
+
+    def search(name: str) -> codecs.CodecInfo | None:
+        if name != PATH_ENCODING:
+            return None
+        utf8 = codecs.lookup("utf-8")
+        return codecs.CodecInfo(lambda s, errors="strict": utf8.encode(s, "surrogateescape"),
+                                lambda b, errors="strict": utf8.decode(b, "surrogateescape"),
+                                name=PATH_ENCODING)
+    try:
+        codecs.lookup(PATH_ENCODING)
+    except LookupError:
+        codecs.register(search)
+    return PATH_ENCODING
+
+
 def mount_operations(ops: Any, mountpoint: str, *, binding: str | None = None,
                      foreground: bool = True, allow_other: bool | None = None,
                      debug: bool = False, **options: Any) -> None:
     """Mount any fusepy-style ``Operations`` with memfs's options (blocks until unmounted)."""
     mod = load_binding(binding)
     opts = default_options(allow_other)
+    opts.setdefault("encoding", path_encoding())
     opts.update(options)
     if getattr(mod, "fuse_version_major", 2) >= 3:
         opts.pop("big_writes", None)  # always on, and refused, in libfuse 3

@@ -839,7 +839,8 @@ def _enter_entry() -> int:
             continue
     if os.WIFSIGNALED(st):
         sig = os.WTERMSIG(st)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # their disposition cannot be set
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         return 128 + sig
     return os.waitstatus_to_exitcode(st)

@@ -61,7 +61,13 @@ class EventLog:
     def since(self, seqnum: int) -> list[Uevent]:
         """Events with SEQNUM > seqnum still held in the history."""
         with self._cond:
-            return [e for e in self.history if e.seqnum > seqnum]
+            out = []
+            for e in reversed(self.history):  # O(events returned), not O(history)
+                if e.seqnum <= seqnum:
+                    break
+                out.append(e)
+            out.reverse()
+            return out
 
     def wait_after(self, seqnum: int, timeout: float) -> list[Uevent]:
         with self._cond:

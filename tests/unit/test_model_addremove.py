@@ -199,7 +199,7 @@ def test_successful_eject_events_in_kernel_order_slot_and_links():
     assert s.write(f"{slot}/eject".replace(ACPI, LNX), b"1\n") is None
     assert events_since(s.m, seq) == [("offline", f"memory{a}"), ("offline", f"memory{b}"),
                                       ("remove", f"memory{a}"), ("remove", f"memory{b}")]
-    assert [(o.status) for o in s.m.ost_log[ost:]] == [0x84, 0]
+    assert [(o.status) for o in list(s.m.ost_log)[ost:]] == [0x84, 0]
     assert s.read(f"{LNX}/PNP0C80:00/status") == "0\n"
     assert not s.exists(f"{MEM}/memory{a}") and not s.exists(f"/sys/devices/system/node/node0/memory{a}")
     assert s.m.nodes[0].zone("Movable").present == 0 and s.m.nodes[0].zone("Normal").present == 0
@@ -220,7 +220,7 @@ def test_eject_with_a_pinned_block_fails_ebusy_and_reonlines_with_the_default_zo
         s.m.acpi_eject("d")
     assert ei.value.errno == errno.EBUSY
     assert events_since(s.m, seq) == [("offline", f"memory{a}"), ("online", f"memory{a}")]
-    assert [o.status for o in s.m.ost_log[ost:]] == [0x84, 0x82]
+    assert [o.status for o in list(s.m.ost_log)[ost:]] == [0x84, 0x82]
     assert s.vz(a) == "Normal" and s.vz(b) == "Normal"
     assert s.read(f"{LNX}/PNP0C80:00/status") == "15\n"
     assert s.m.nodes[0].zone("Movable").present == 0
