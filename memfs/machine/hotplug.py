@@ -8,6 +8,7 @@ sorted member lists, blocks live in a dict keyed by block id.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 from collections import deque
@@ -347,7 +348,6 @@ class Machine:
 
     def _shrink_zone_span(self, zone: Zone, start_pfn: int, end_pfn: int, bid: int) -> None:
         """shrink_zone_span(): only an edge moves, to the nearest online pfn of the zone."""
-        import bisect
         members = zone.members
         if zone.start_pfn == start_pfn:
             i = bisect.bisect_right(members, bid)
@@ -550,7 +550,7 @@ class Machine:
         for d in self.devices.values():
             if d.start < start + size and start < d.start + d.size:
                 raise OSError(errno.EEXIST, f"range overlaps {d.id} at {d.start:#x}")
-        if any(bid in self.blocks for bid in range(first, min(last, first + 1 + len(self.blocks)))):
+        if any(bid in self.blocks for bid in range(first, last)):  # boot RAM (no device) there
             raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")
 
     def add_memory(self, dev: HotplugDevice, request_memmap: bool) -> None:
