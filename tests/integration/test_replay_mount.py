@@ -1,10 +1,15 @@
-"""Replay both reference traces end to end through a real FUSE mount, with the shell.
+"""Replay both reference traces end to end through `memfs mount`, with the shell.
 
-Every write of the trace is `echo VALUE > MNT/PATH` (or `printf`) run by bash, and the
-shell's error message must name the kernel's errno. At every dump, one bash script
-reads each file the guest read (`cat`, like the guest's lib.sh) and the results are
-compared with the dump: block files, zone counters from MNT/proc/zoneinfo, MemTotal
-from MNT/proc/meminfo. Host steps (QEMU device_add/device_del) go to the model.
+The daemon is started with the `memfs` command and the trace's kernel command line
+(`--set boot.memmap_on_memory=...`). Every write of the trace is `echo VALUE > MNT/PATH`
+(or `printf`) run by bash, and the shell's error message must name the kernel's errno.
+Host steps are `memfs plug` / `memfs unplug` (QEMU device_add / device_del). At every
+dump, one bash script reads each file the guest read (`cat`, like the guest's lib.sh),
+and the results are compared with the dump: block files and links, zone counters from
+MNT/proc/zoneinfo, MemTotal from MNT/proc/meminfo.
+
+Where the kernel refused an offline with EBUSY because it had put its own allocations
+into the block, the test first pins one with `memfs alloc --unmovable 4K --block N`.
 """
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ import subprocess
 
 import pytest
 
-from tests.fusehelpers import fuse_unavailable, mounted
-from memfs.sysfs.tree import build_tree
-from tests.replay.replayer import machine_for
+import sys
+
+from tests.fusehelpers import fuse_unavailable
 from tests.replay.traces import (
     TRACE_A, TRACE_B, Dump, HostAdd, HostDel, Write, _parse_meminfo, _parse_zoneinfo,
     errno_from_strerror, have_trace, load_trace,
@@ -90,29 +95,48 @@ def compare(mnt: str, dump: Dump) -> list[str]:
     return diffs
 
 
+def memfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memfs", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 @pytest.mark.parametrize("name", [TRACE_A, TRACE_B])
-def test_trace_through_mount_with_the_shell(name, tmp_path):
+def test_trace_through_memfs_mount_with_the_shell(name, tmp_path):
     if not have_trace(name):
         pytest.skip(f"reference trace {name} not available")
     trace = load_trace(name)
-    machine = machine_for(trace)
+    h = trace.header
+    mnt = os.fspath(tmp_path / "mnt")
+    r = memfs("mount", mnt, "--no-sandbox", "--kernel", h.kernel_version or "6.1",
+              "--set", f"boot.memmap_on_memory={str(h.memmap_on_memory).lower()}",
+              "--set", f"boot.memhp_default_state={h.memhp_default_state or 'offline'}")
+    assert r.returncode == 0, r.stderr
     problems: list[str] = []
-    with mounted(build_tree(machine), tmp_path, mode="thread") as m:
-        mnt = os.fspath(m)
+    pinned: set[str] = set()
+    try:
         for actions, dump in trace.segments():
             for step in actions:
                 if isinstance(step, Write):
-                    if step.errno == errno.EBUSY and step.value == "offline" and step.block:
-                        bid = int(step.block[6:])  # the kernel's own allocations (see test_replay_model)
-                        if not machine.blocks[bid].unmovable:
-                            machine.alloc("unmovable", 4096, block_id=bid)
+                    if step.errno == errno.EBUSY and step.value == "offline" and step.block \
+                            and step.block not in pinned:
+                        a = memfs("alloc", mnt, "--unmovable", "4K", "--block", step.block[6:])
+                        assert a.returncode == 0, a.stderr
+                        pinned.add(step.block)
                     got = shell_write(mnt, step)
                     if got != step.errno:
                         problems.append(f"{step.value!r} > {step.path}: kernel {step.errname}, "
                                         f"mount {errno.errorcode.get(got) if got else None}")
                 elif isinstance(step, HostAdd):
-                    machine.plug(step.size, node=step.node or 0, dev_id=step.dimm_id)
+                    args = ["plug", mnt, "--size", str(step.size), "--id", step.dimm_id]
+                    if step.node is not None:
+                        args += ["--node", str(step.node)]
+                    p = memfs(*args)
+                    assert p.returncode == 0, p.stderr
                 elif isinstance(step, HostDel):
-                    machine.unplug(step.dimm_id)
+                    u = memfs("unplug", mnt, step.dimm_id)
+                    assert u.returncode == 0, u.stderr
             problems += [f"dump {dump.step} ({dump.label}): {d}" for d in compare(mnt, dump)]
+    finally:
+        memfs("umount", mnt)
     assert not problems, "\n".join(problems)
+    assert pinned == {"memory32"}
