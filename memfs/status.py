@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
+from .sysfs.parse import bitmap_list  # no model import: status renders replies
 
 SCHEMA = 1
 
@@ -135,18 +136,8 @@ def human_size(n: int) -> str:
 
 
 def id_ranges(ids: list[int]) -> str:
-    """[32, 34, 35, 36] -> "32,34-36" (sysfs.node.nodelist's format; not imported from there
-    so that rendering a status reply does not load the model)."""
-    out: list[str] = []
-    ids = sorted(ids)
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out) or "-"
+    """[32, 34, 35, 36] -> "32,34-36"; "-" for none."""
+    return bitmap_list(ids) or "-"
 
 
 def block_char(b: dict[str, Any]) -> str:

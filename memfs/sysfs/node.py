@@ -3,20 +3,13 @@ from __future__ import annotations
 
 from ..machine.hotplug import Machine
 from .kernfs import DynDir, Link, Node, attr_ro
+from .parse import bitmap_list
 from .procfs import node_meminfo
 
 
 def nodelist(ids: list[int]) -> str:
-    """%*pbl: "0", "0-2", "0,2-3"."""
-    out, ids = [], sorted(ids)
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out) + "\n"
+    """A node mask file: "%*pbl" and a newline ("0", "0-2", "0,2-3")."""
+    return bitmap_list(ids) + "\n"
 
 
 def node_dir(m: Machine, nid: int) -> DynDir:

@@ -359,3 +359,17 @@ def kstrtoint(buf: Buf, base: int = 0) -> int:
     if not (S32_MIN <= tmp <= S32_MAX):
         raise _erange()
     return tmp
+
+
+def bitmap_list(ids) -> str:
+    """The kernel's "%*pbl" list format: [0, 2, 3, 4] -> "0,2-4" ("" when empty)."""
+    out: list[str] = []
+    ids = sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(out)
