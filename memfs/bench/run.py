@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from memfs.bench.machines import bench_machine, target_block
+from memfs.bench.servers import LOWLEVEL
 from memfs.fuse import ENTRY_TIMEOUT, kernel_has_epoch
 
 MEMDIR = "sys/devices/system/memory"
@@ -63,6 +64,16 @@ QUICK = {
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _split(binding: str | None) -> tuple[str | None, bool]:
+    """(binding of the usual columns, whether to add the low-level prototype's column).
+
+    ``--binding pyfuse3-lowlevel`` keeps every usual column on fusepy (the default) and
+    adds the prototype (:mod:`memfs.fuse_lowlevel`) as ``memfs_ll`` in the same run."""
+    if binding == LOWLEVEL:
+        return None, True
+    return binding, False
+
 
 def _median_us(samples: list[int]) -> float:
     return round(statistics.median(samples) / 1000, 2)
@@ -263,6 +274,7 @@ def bench_attr(work: str, shm: str, plan: dict, binding: str | None) -> dict:
     out: dict[str, Any] = {"blocks": n, "block": bid, "ops": ops, "entry_cache": kernel_has_epoch(),
                            "read": "open + read(4096) + close, full path from the mount root"}
     rows: dict[str, dict[str, Any]] = {a: {} for a in rels}
+    binding, ll = _split(binding)
     variants = [("", False, [])]
     if out["entry_cache"]:
         variants.append(("_ec", True, EC_OPTS))
@@ -273,6 +285,10 @@ def bench_attr(work: str, shm: str, plan: dict, binding: str | None) -> dict:
                 rows[attr][f"memfs{suffix}_us"] = time_reads(d.path(rel), ops)
                 with minimal_daemon(work, rel, text, binding, f"minimal{suffix}-{attr}", mopts) as mn:
                     rows[attr][f"minimal{suffix}_us"] = time_reads(mn.path(rel), ops)
+    if ll:
+        with memfs_daemon(work, n, LOWLEVEL, name=f"memfs_ll-{n}") as d:
+            for attr, rel in rels.items():
+                rows[attr]["memfs_ll_us"] = time_reads(d.path(rel), ops)
     for attr, rel in rels.items():
         row = rows[attr]
         row["tmpfs_us"] = time_reads(os.path.join(static, rel), ops)
@@ -287,6 +303,11 @@ def bench_attr(work: str, shm: str, plan: dict, binding: str | None) -> dict:
             row["memfs_ec_over_memfs"] = _ratio(row["memfs_ec_us"], row["memfs_us"])
             row["memfs_ec_over_tmpfs"] = _ratio(row["memfs_ec_us"], row["tmpfs_us"])
             row["memfs_ec_over_sysfs"] = _ratio(row["memfs_ec_us"], row["sysfs_us"])
+        if ll:
+            row["memfs_ll_over_tmpfs"] = _ratio(row["memfs_ll_us"], row["tmpfs_us"])
+            row["memfs_ll_over_memfs"] = _ratio(row["memfs_ll_us"], row["memfs_us"])
+            row["memfs_ll_over_memfs_ec"] = _ratio(row["memfs_ll_us"], row.get("memfs_ec_us"))
+            row["memfs_ll_over_minimal_ec"] = _ratio(row["memfs_ll_us"], row.get("minimal_ec_us"))
         out[attr] = row
     return out
 
@@ -296,10 +317,12 @@ def bench_writes(work: str, plan: dict, binding: str | None) -> dict:
     bid = target_block(bench_machine(n))
     rel = f"{MEMDIR}/memory{bid}/state"
     out: dict[str, Any] = {"blocks": n, "pairs": plan["write_ops"]}
-    for suffix, ec in [("", False)] + ([("_ec", True)] if kernel_has_epoch() else []):
+    binding, ll = _split(binding)
+    for suffix, ec in [("", False)] + ([("_ec", True)] if kernel_has_epoch() else []) + ([("_ll", False)] if ll else []):
         on: list[int] = []
         off: list[int] = []
-        with memfs_daemon(work, n, binding, name=f"memfs{suffix}-w{n}", entry_cache=ec) as d:
+        with memfs_daemon(work, n, LOWLEVEL if suffix == "_ll" else binding,
+                          name=f"memfs{suffix}-w{n}", entry_cache=ec) as d:
             p = d.path(rel)
             for _ in range(plan["write_ops"]):
                 on.append(time_store(p, b"online"))
@@ -324,6 +347,7 @@ def bench_lsmem(work: str, shm: str, plan: dict, binding: str | None) -> dict:
     if shutil.which("lsmem") is None:
         return {"skipped": "lsmem not installed"}
     rows = []
+    binding, ll = _split(binding)
     for n in plan["lsmem_blocks"]:
         static = os.path.join(shm, f"lsmem-{n}")
         t = time.perf_counter()
@@ -336,8 +360,9 @@ def bench_lsmem(work: str, shm: str, plan: dict, binding: str | None) -> dict:
                 dt, so = _run_lsmem([*extra, "--sysroot", static])
                 st.append(dt)
             row[key] = {"tmpfs_s": round(statistics.median(st), 4), "same_output": True}
-        for suffix, ec in [("", False)] + ([("_ec", True)] if kernel_has_epoch() else []):
-            with memfs_daemon(work, n, binding, name=f"memfs{suffix}-l{n}", entry_cache=ec) as d:
+        for suffix, ec in [("", False)] + ([("_ec", True)] if kernel_has_epoch() else []) + ([("_ll", False)] if ll else []):
+            with memfs_daemon(work, n, LOWLEVEL if suffix == "_ll" else binding,
+                              name=f"memfs{suffix}-l{n}", entry_cache=ec) as d:
                 for key, extra in (("lsmem", []), ("lsmem_a", ["-a"])):
                     mt, mo = [], ""
                     for _ in range(plan["lsmem_runs"]):
@@ -349,6 +374,7 @@ def bench_lsmem(work: str, shm: str, plan: dict, binding: str | None) -> dict:
                     r["same_output"] = r["same_output"] and mo == so
                     r["lines"] = mo.count("\n")
                     r[f"memfs{suffix}_over_tmpfs"] = _ratio(r[f"memfs{suffix}_s"], r["tmpfs_s"])
+                    r[f"same_output{suffix}"] = mo == so
         shutil.rmtree(static, ignore_errors=True)
         rows.append(row)
     return {"runs": plan["lsmem_runs"], "sizes": rows}
@@ -462,6 +488,8 @@ TARGETS = {
         (r["attr"][a]["memfs_ec_over_minimal_ec"] or 99) <= 1.2 for a in ("state", "valid_zones"))),
     "lsmem_within_20x_of_tmpfs": ("lsmem", lambda r: (r["lsmem"]["sizes"][-1]["lsmem"]["memfs_over_tmpfs"] or 999) <= 20),
     "lsmem_ec_within_20x_of_tmpfs": ("lsmem", lambda r: (r["lsmem"]["sizes"][-1]["lsmem"]["memfs_ec_over_tmpfs"] or 999) <= 20),
+    "lsmem_ll_within_20x_of_tmpfs": ("lsmem", lambda r: r["lsmem"]["sizes"][-1]["lsmem"].get("memfs_ll_over_tmpfs")
+                                      and r["lsmem"]["sizes"][-1]["lsmem"]["memfs_ll_over_tmpfs"] <= 20),
     "model_flat_within_1.3x": ("model", lambda r: r["model"]["sizes"][-1]["over_smallest"] <= 1.3),
     "mount_under_3s": ("mount", lambda r: r["mount"]["sizes"][-1]["ready_s"] < 3),
     "rss_under_200MiB": ("mount", lambda r: r["mount"]["sizes"][-1]["rss_after_all_mib"] < 200),
@@ -472,6 +500,8 @@ def targets(res: dict) -> dict:
     out = {}
     for name, (section, check) in TARGETS.items():
         if section not in res or "skipped" in res[section]:
+            continue
+        if "_ll_" in name and res.get("binding") != LOWLEVEL:
             continue
         try:
             out[name] = bool(check(res))
@@ -522,6 +552,14 @@ def format_table(res: dict) -> str:
             else:
                 line += f" {_f(r['memfs_over_tmpfs'], 'x'):>11} {_f(r['memfs_over_sysfs'], 'x'):>11}"
             lines.append(line)
+        if "memfs_ll_us" in a["state"]:
+            lines.append(f"   low-level prototype (pyfuse3, libfuse 3; entries, attributes and page cache kept, "
+                         f"invalidated per inode/entry on model changes):")
+            for attr in ("state", "valid_zones"):
+                r = a[attr]
+                lines.append(f"   {attr:<12} memfs_ll {_f(r['memfs_ll_us']):>7} us | /memfs "
+                             f"{_f(r['memfs_ll_over_memfs'], 'x')}  /memfs+ec {_f(r['memfs_ll_over_memfs_ec'], 'x')}"
+                             f"  /min+ec {_f(r['memfs_ll_over_minimal_ec'], 'x')}  /tmpfs {_f(r['memfs_ll_over_tmpfs'], 'x')}")
     if "writes" in res:
         w = res["writes"]
         lines.append("")
@@ -531,6 +569,9 @@ def format_table(res: dict) -> str:
         if "pair_ec_us" in w:
             lines.append(f"   memfs+ec: online {_f(w['online_ec_us'])}   offline {_f(w['offline_ec_us'])}   "
                          f"pair {_f(w['pair_ec_us'])}   (final state {w['final_state_ec']})")
+        if "pair_ll_us" in w:
+            lines.append(f"   memfs_ll: online {_f(w['online_ll_us'])}   offline {_f(w['offline_ll_us'])}   "
+                         f"pair {_f(w['pair_ll_us'])}   (final state {w['final_state_ll']})")
     if "lsmem" in res:
         lines.append("")
         ls = res["lsmem"]
@@ -547,6 +588,9 @@ def format_table(res: dict) -> str:
                                  f"{_f(x.get('memfs_ec_s')):>8} {x['tmpfs_s']:>8.3f} | "
                                  f"{_f(x['memfs_over_tmpfs'], 'x'):>11} "
                                  f"{_f(x.get('memfs_ec_over_tmpfs'), 'x'):>9} {x['same_output']}")
+                    if "memfs_ll_s" in x:
+                        lines.append(f"   {'':>7} {'  (ll)':<9} {x['memfs_ll_s']:>8.3f} {'':>8} {'':>8} | "
+                                     f"{_f(x['memfs_ll_over_tmpfs'], 'x'):>11} {'':>9} {x['same_output_ll']}")
     if "model" in res:
         lines.append("")
         mo = res["model"]
@@ -601,7 +645,10 @@ def _scratch(parent: str | None = None) -> Iterator[tuple[str, str]]:
 def run(plan: dict, sections: tuple[str, ...], binding: str | None, quick: bool,
         progress: Callable[[str], None] = lambda s: None, workdir: str | None = None) -> dict:
     from memfs.fuse import load_binding
-    load_binding(binding)  # fail early on an unknown binding
+    if binding == LOWLEVEL:
+        import pyfuse3  # noqa: F401  (fail early if the prototype's binding is missing)
+    else:
+        load_binding(binding)  # fail early on an unknown binding
     res: dict[str, Any] = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "quick": quick, "binding": binding or os.environ.get("MEMFS_FUSE_BINDING") or "fusepy",
@@ -634,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, metavar="DIR",
                     help="scratch directory under /tmp for mounts and static copies "
                          "(default: fresh ones in /tmp and /dev/shm)")
-    ap.add_argument("--binding", default=None, help="FUSE binding of the daemons (default: fusepy)")
+    ap.add_argument("--binding", default=None, help="FUSE binding of the daemons (default: fusepy); "
+                    f"{LOWLEVEL}: fusepy columns plus the libfuse 3 low-level prototype's")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=N",
                     help="override a plan count, e.g. attr_ops=500 or lsmem_blocks=1024,8192")
     a = ap.parse_args(argv)

@@ -7,6 +7,8 @@
     the floor of the binding: a fusepy filesystem serving one constant file at
     REL/PATH (its parent directories exist, nothing else), with the same mount
     options as memfs, the same per-operation work as little as Python allows.
+``python -m memfs.bench.servers memfs MNT --blocks N --binding pyfuse3-lowlevel``
+    memfs on the libfuse 3 low-level prototype (:mod:`memfs.fuse_lowlevel`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ import stat
 import sys
 import time
 from typing import Any, Callable
+
+
+#: ``--binding`` of the libfuse 3 low-level prototype (memfs only; the floor stays fusepy)
+LOWLEVEL = "pyfuse3-lowlevel"
 
 
 def watch_machine(m: Any) -> Callable[[Callable[[], Any]], None]:
@@ -32,6 +38,16 @@ def serve_memfs(mnt: str, blocks: int, binding: str | None, opts: dict, entry_ca
     m = bench_machine(blocks)
     tree = build_tree(m)
     serve(tree, mnt, binding=binding, watch=watch_machine(m) if entry_cache else None, **opts)
+
+
+def serve_lowlevel(mnt: str, blocks: int) -> None:
+    """memfs on the libfuse 3 low-level prototype (:mod:`memfs.fuse_lowlevel`, pyfuse3)."""
+    from memfs.bench.machines import bench_machine
+    from memfs.fuse_lowlevel import serve
+    from memfs.sysfs.tree import build_tree
+
+    m = bench_machine(blocks)
+    serve(build_tree(m), mnt, watch=watch_machine(m))
 
 
 def serve_minimal(mnt: str, rel: str, text: str, binding: str | None, opts: dict) -> None:
@@ -109,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench servers mount only under /tmp", file=sys.stderr)
         return 2
     opts = dict(_opt(o) for o in a.opts)
-    if a.kind == "memfs":
+    if a.kind == "memfs" and a.binding == LOWLEVEL:
+        serve_lowlevel(a.mountpoint, a.blocks)
+    elif a.kind == "memfs":
         serve_memfs(a.mountpoint, a.blocks, a.binding, opts, a.entry_cache)
     else:
         serve_minimal(a.mountpoint, a.file, a.text, a.binding, opts)
