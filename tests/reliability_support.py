@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import errno
 import json
@@ -287,3 +289,29 @@ def invariants(s: dict[str, Any]) -> list[str]:
             if b not in blocks or blocks[b]["device"] != d["id"]:
                 bad.append(f"device {d['id']}: block {b} is not its own")
     return bad
+
+
+@pytest.fixture(scope="module", autouse=True)
+def figures_after_module():
+    """Imported by every reliability test module: writes the figures when the module ends."""
+    yield
+    write_figures()
+
+
+def pwrite(path, data: bytes, offset: int = 0) -> int | None:
+    """open(O_WRONLY) + one pwrite + close; None on success, else the errno (open's or pwrite's)."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        return e.errno
+    try:
+        n = os.pwrite(fd, data, offset)
+        assert n == len(data), (n, len(data))
+        return None
+    except OSError as e:
+        return e.errno
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

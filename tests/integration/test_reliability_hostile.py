@@ -8,11 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import socket
-import threading
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,8 +17,9 @@ from hypothesis import strategies as st
 
 from memfs import control
 from memfs.status import snapshot
+from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
 from tests.reliability_support import (Reference, count, daemon, env_int, invariants, log_problems,
-                                       writable_files, write_figures)
+                                       writable_files, pwrite)
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)")]
 
@@ -57,32 +55,6 @@ def data_strategy() -> st.SearchStrategy[bytes]:
 
 def offsets() -> st.SearchStrategy[int]:
     return st.one_of(st.just(0), st.integers(0, 8192), st.integers(0, 2**62))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _figures():
-    yield
-    write_figures()
-
-
-def pwrite(path: Path, data: bytes, offset: int) -> int | None:
-    """open + pwrite + close; None on success, else the errno (open's or pwrite's)."""
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        return e.errno
-    try:
-        n = os.pwrite(fd, data, offset)
-        assert n == len(data), (n, len(data))
-        return None
-    except OSError as e:
-        return e.errno
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
 
 def ref_write(ref: Reference, rel: str, data: bytes) -> int | None:
     try:

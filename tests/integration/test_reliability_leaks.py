@@ -20,17 +20,14 @@ import time
 import psutil
 import pytest
 
-from tests.reliability_support import count, daemon, env_int, invariants, log_problems, write_figures
+from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
+from tests.reliability_support import count, daemon, env_int, invariants, log_problems
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)")]
 
 MEM = "sys/devices/system/memory"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _figures():
-    yield
-    write_figures()
 
 
 class Pipe:

@@ -19,7 +19,8 @@ import pytest
 from memfs import control, persist
 from memfs.machine.config import load_config
 from memfs.status import snapshot
-from tests.reliability_support import count, daemon, env_int, invariants, log_problems, write_figures
+from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
+from tests.reliability_support import count, daemon, env_int, invariants, log_problems
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)")]
 
@@ -32,10 +33,6 @@ MODEL_ERRNOS = {errno.EINVAL, errno.EBUSY, errno.ENODEV, errno.ENOENT, errno.ENO
                 errno.EPERM, errno.E2BIG, 133}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _figures():
-    yield
-    write_figures()
 
 
 def worker(mnt: str, seed: int, n: int, deadline: float, out: "multiprocessing.Queue") -> None:

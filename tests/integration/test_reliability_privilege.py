@@ -16,7 +16,8 @@ import pytest
 
 from memfs import control
 from tests.fusehelpers import AS_NOBODY
-from tests.reliability_support import count, daemon, log_problems, write_figures
+from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
+from tests.reliability_support import count, daemon, log_problems
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, setpriv)")]
 
@@ -59,10 +60,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _figures():
-    yield
-    write_figures()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,18 +27,15 @@ import pytest
 from memfs import persist
 from memfs.daemon import FSTYPE, mounts_at
 from memfs.machine.config import load_config
-from tests.reliability_support import (FIGURES, Reference, count, daemon, env_int, invariants, log_problems,
-                                       write_figures)
+from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
+from tests.reliability_support import (Reference, count, daemon, env_int, invariants, log_problems,
+                                       pwrite)
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)")]
 
 MEM = "sys/devices/system/memory"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _figures():
-    yield
-    write_figures()
 
 
 def state_args(d_base: Path, *more: str) -> list[str]:
@@ -48,20 +44,7 @@ def state_args(d_base: Path, *more: str) -> list[str]:
 
 def write(path: Path, data: bytes) -> int | None:
     """One write(2) of data; None on success, else the errno."""
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        return e.errno
-    try:
-        os.write(fd, data)
-        return None
-    except OSError as e:
-        return e.errno
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    return pwrite(path, data)
 
 
 # Each change, as a write to the mount (path, bytes) or a control request (op, fields),
