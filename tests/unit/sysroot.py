@@ -1,11 +1,19 @@
 """A model plus its sysfs tree, driven without FUSE: what the unit tests share."""
 from __future__ import annotations
 
-from memfs.machine.config import load_config
+from memfs.machine.config import from_dict, load_config
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.tree import build_tree
 
 MEM = "/sys/devices/system/memory"
+
+
+def memoryless_node1_machine(memmap_on_memory: bool = True) -> Machine:
+    """1 GiB of boot RAM on node 0; node 1 possible, without memory or CPUs (offline)."""
+    return Machine(from_dict({
+        "kernel": "6.1", "boot": {"memmap_on_memory": memmap_on_memory},
+        "node": [{"id": 0, "ram": ["0x100000-0x40000000"]}, {"id": 1, "ram": [], "cpus": False}],
+    }))
 
 
 def machine(kernel: str = "6.1", **overrides) -> Machine:

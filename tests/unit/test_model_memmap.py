@@ -16,6 +16,8 @@ from memfs.machine.config import from_dict, load_config
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.tree import build_tree
 
+from .sysroot import memoryless_node1_machine
+
 MEM = "/sys/devices/system/memory"
 MiB, GiB = 1 << 20, 1 << 30
 PPB = 32768
@@ -306,19 +308,7 @@ def test_add_with_memmap_on_memory_needs_no_ram_for_the_memmap():
 
 
 def test_memmap_from_ram_prefers_the_new_nodes_memory_then_others():
-    raw = tomllib.loads("""
-kernel = "6.1"
-[boot]
-memmap_on_memory = false
-[[node]]
-id = 0
-ram = ["0x100000-0x40000000"]
-[[node]]
-id = 1
-ram = []
-cpus = false
-""")
-    m = Machine(from_dict(raw))
+    m = memoryless_node1_machine(memmap_on_memory=False)
     free0 = m.meminfo(0)["MemFree"]
     m.plug(128 * MiB, node=1, dev_id="d")  # node 1 has no memory: falls back to node 0
     assert free0 - m.meminfo(0)["MemFree"] == 2048

@@ -14,7 +14,7 @@ import pytest
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.kernfs import Attr
 
-from .sysroot import Sysroot, machine
+from .sysroot import Sysroot, machine, memoryless_node1_machine
 
 MEM = "/sys/devices/system/memory"
 NODE = "/sys/devices/system/node"
@@ -248,19 +248,7 @@ def test_node_masks_follow_onlining():
 
 
 def test_memoryless_node_gets_memory():
-    import tomllib
-    from memfs.machine.config import from_dict
-    raw = tomllib.loads("""
-kernel = "6.1"
-[[node]]
-id = 0
-ram = ["0x100000-0x40000000"]
-[[node]]
-id = 1
-ram = []
-cpus = false
-""")
-    m = Machine(from_dict(raw))
+    m = memoryless_node1_machine()
     s = Sys(m)
     assert s.read(f"{NODE}/possible") == "0-1\n"
     assert s.read(f"{NODE}/online") == "0\n" and not s.exists(f"{NODE}/node1")
