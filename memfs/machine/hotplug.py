@@ -525,7 +525,8 @@ class Machine:
 
     def _find_free_range(self, size: int) -> int:
         """QEMU's first fit in the device-memory window."""
-        base, end = self.cfg.hotplug_base, self.cfg.hotplug_base + self.cfg.hotplug_size
+        base = int(self.cfg.hotplug_base)
+        end = base + self.cfg.hotplug_size
         addr = base
         for s, e in sorted((d.start, d.start + d.size) for d in self.devices.values()):
             if e <= addr:
@@ -631,6 +632,11 @@ class Machine:
             if node not in self.nodes:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
             slot = None
+            if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
+                raise OSError(errno.EOPNOTSUPP,
+                              "this kernel has no ACPI memory hotplug (CONFIG_ACPI_HOTPLUG_MEMORY is not set, as in "
+                              "Debian's arm64 kernels): a DIMM never becomes memory; hot-add with --driver virtio_mem "
+                              "or --driver dax_kmem")
             if driver == "acpi":
                 slot = next((i for i, d in enumerate(self.slots) if d is None), None)
                 if slot is None:
