@@ -74,6 +74,10 @@ class NodeConfig:
     reserved: int = 0  # bytes the kernel keeps at boot (present, not managed)
     used: int = 0  # bytes of managed memory the booted kernel has in use
     cpus: bool = True  # a node with CPUs stays online even without memory
+    cpu_ids: list[int] = field(default_factory=list)  # resolved by validate(): nodeN/cpulist
+    # node_distance(id, j) for each [[node]] j in id order (the ACPI SLIT row); empty: 10 to
+    # itself, 20 to the others (LOCAL_DISTANCE, REMOTE_DISTANCE of include/linux/topology.h)
+    distance: list[int] = field(default_factory=list)
 
 
 RESERVE_KINDS = ("kernel", "firmware", "reserved", "cma")
@@ -137,7 +141,7 @@ _TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "
              "acpi_memory_hotplug", "dma_limit", "hotplug", "boot", "node", "dimm", "reserve"}
 _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
-_NODE_KEYS = {"id", "ram", "nomap", "reserved", "used", "cpus"}
+_NODE_KEYS = {"id", "ram", "nomap", "reserved", "used", "cpus", "distance"}
 _RESERVE_KEYS = {"range", "kind"}
 _DIMM_KEYS = {"id", "size", "node", "addr", "driver"}
 
@@ -297,8 +301,32 @@ def _node(t: dict, i: int) -> NodeConfig:
     n.nomap = sorted(parse_range(r, where + "nomap") for r in nomap)
     n.reserved = parse_size(t.get("reserved", 0), where + "reserved")
     n.used = parse_size(t.get("used", 0), where + "used")
-    n.cpus = _bool(t.get("cpus", True), where + "cpus")
+    cpus = t.get("cpus", True)
+    if isinstance(cpus, str):
+        n.cpu_ids = parse_cpulist(cpus, where + "cpus")
+        n.cpus = bool(n.cpu_ids)
+    else:
+        n.cpus = _bool(cpus, where + "cpus")
+    dist = t.get("distance", [])
+    if not isinstance(dist, list):
+        raise ConfigError(f"{where}distance: a list, one distance per [[node]] in id order, e.g. [10, 20]")
+    n.distance = [_int(x, where + "distance") for x in dist]
     return n
+
+
+def parse_cpulist(text: str, key: str) -> list[int]:
+    """A "%*pbl" CPU list, as nodeN/cpulist shows it: "0-3,8" -> [0, 1, 2, 3, 8]; "" -> []."""
+    ids: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        if not a.isdigit() or (b and not b.isdigit()) or (b and int(b) < int(a)):
+            raise ConfigError(f"{key}: expected true or false, or a CPU list like \"0-3,8\", got {text!r}")
+        ids.update(range(int(a), int(b or a) + 1))
+        if len(ids) > 8192:
+            raise ConfigError(f"{key}: at most 8192 CPUs (NR_CPUS of Debian's kernels)")
+    return sorted(ids)
 
 
 def _dimm(t: dict, i: int) -> DimmConfig:
@@ -364,6 +392,32 @@ def probe_memory_block_size(cfg: MachineConfig) -> int:
     return bz
 
 
+def _resolve_cpus_and_distances(cfg: MachineConfig) -> None:
+    """`cpus = true` gives a node one CPU, numbered after the listed ones in node-id order."""
+    owner: dict[int, int] = {}
+    for n in cfg.nodes:
+        for c in n.cpu_ids:
+            if c in owner:
+                raise ConfigError(f"node[{n.id}].cpus: CPU {c} is on node {owner[c]} already")
+            owner[c] = n.id
+    nxt = max(owner, default=-1) + 1
+    for n in sorted(cfg.nodes, key=lambda n: n.id):
+        if n.cpus and not n.cpu_ids:
+            n.cpu_ids = [nxt]
+            nxt += 1
+    ids = sorted(n.id for n in cfg.nodes)
+    for n in cfg.nodes:
+        if not n.distance:
+            continue
+        where = f"node[{n.id}].distance"
+        if len(n.distance) != len(ids):
+            raise ConfigError(f"{where}: one distance per [[node]] ({len(ids)}, in id order), got {len(n.distance)}")
+        for j, d in zip(ids, n.distance):
+            # drivers/acpi/numa/srat.c slit_valid(): 10 to itself, more than 10 to the others
+            if (j == n.id and d != 10) or (j != n.id and not 10 < d < 255):
+                raise ConfigError(f"{where}: {d} to node {j}: the distance to itself is 10, to others 11..254")
+
+
 def validate(cfg: MachineConfig) -> None:
     arch = cfg.arch_profile
     if cfg.block_size == "auto":
@@ -388,6 +442,7 @@ def validate(cfg: MachineConfig) -> None:
         present = sum(e - s for s, e in n.ram)
         if n.reserved + n.used > present:
             raise ConfigError(f"node[{n.id}]: reserved + used ({(n.reserved + n.used) >> 20}M) exceed its boot RAM ({present >> 20}M)")
+    _resolve_cpus_and_distances(cfg)
     if cfg.hotplug_base == "auto":
         cfg.hotplug_base = qemu_device_memory_base(cfg, bs)
     if cfg.acpi_memory_hotplug == "auto":

@@ -132,7 +132,8 @@ class Machine:
     def _boot(self) -> None:
         arch = self.arch
         for n in self.cfg.nodes:
-            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus)
+            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus,
+                        cpu_ids=tuple(n.cpu_ids))
             node.online = bool(n.ram) or n.cpus
             self.nodes[n.id] = node
         present_sections: set[int] = set()
@@ -868,6 +869,16 @@ class Machine:
             self._changed()
 
     # ------------------------------------------------------------------ accounting views
+    def node_distance(self, a: int, b: int) -> int:
+        """__node_distance(): the description's SLIT row, else LOCAL_DISTANCE/REMOTE_DISTANCE."""
+        row = next(n.distance for n in self.cfg.nodes if n.id == a)
+        if row:
+            return row[sorted(self.nodes).index(b)]
+        return 10 if a == b else 20
+
+    def nr_cpu_ids(self) -> int:
+        return max((c for n in self.nodes.values() for c in n.cpu_ids), default=0) + 1
+
     def normal_memory_nodes(self) -> list[int]:
         """N_NORMAL_MEMORY: up to 6.16 hotplug keeps it in step with the kernel zones."""
         if self.profile.toggles_normal_memory:
