@@ -25,7 +25,7 @@ from .blocks import (
 )
 from .config import MachineConfig, load_config
 from .events import EventLog
-from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, make_zones
+from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, arm64_zone_limits, make_zones
 
 EHWPOISON = 133  # not in Python's errno module on every platform
 
@@ -129,18 +129,32 @@ class Machine:
         return -(-self.pages_per_section * self.cfg.struct_page_size // self.page_size)
 
     # ------------------------------------------------------------------ boot
+    def low_zones(self) -> tuple[tuple[str, int], ...]:
+        """The zones below ZONE_NORMAL and their ends: fixed on x86_64 (16 MiB, 4 GiB);
+        on arm64 from where boot memory starts and ends and the firmware's DMA limit."""
+        if not self.cfg.arch.startswith("arm64"):
+            return self.arch.low_zones
+        mem = [r for n in self.cfg.nodes for r in n.ram + n.nomap]
+        if not mem:
+            return self.arch.low_zones
+        dma, dma32 = arm64_zone_limits(min(s for s, _ in mem), max(e for _, e in mem), self.cfg.dma_limit,
+                                       self.profile.arm64_zone_dma_limit)
+        return (("DMA", dma), ("DMA32", dma32))
+
     def _boot(self) -> None:
-        arch = self.arch
+        low_zones = self.low_zones()
         for n in self.cfg.nodes:
-            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus,
+            node = Node(n.id, make_zones(n.id, low_zones, self.page_shift), cpus=n.cpus,
                         cpu_ids=tuple(n.cpu_ids))
             node.online = bool(n.ram) or n.cpus
             self.nodes[n.id] = node
         present_sections: set[int] = set()
+        shift = self.page_shift
         for n in self.cfg.nodes:
             node = self.nodes[n.id]
-            for start, end in n.ram:
-                self._boot_range(node, start >> self.page_shift, end >> self.page_shift, present_sections)
+            # memblock.memory: System RAM and the firmware's nomap regions alike
+            for start, end in sorted(n.ram + n.nomap):
+                self._boot_range(node, start >> shift, end >> shift, present_sections)
         for zone in self._all_zones():
             zone.members.sort()
         for blk in self.blocks.values():
@@ -150,6 +164,14 @@ class Machine:
                 blk.zone = self.nodes[blk.nid].zones[zidx]
         self.nr_memmap_boot_pages = len(present_sections) * self.section_memmap_pages()
         self.boot_normal_nodes = {n.id for n in self.nodes.values() if n.has_normal_memory()}
+        for n in self.cfg.nodes:
+            for start, end in n.nomap:  # present, never managed, not System RAM
+                self._reserve_range(start >> shift, end >> shift, nomap=True)
+        for r in self.cfg.reserves:
+            if r.kind == "cma":
+                self._cma_range(r.start >> shift, r.end >> shift)
+            else:  # memblock_reserve(): the kernel image, initrd, firmware tables
+                self._reserve_range(r.start >> shift, r.end >> shift)
         if self.cfg.arch == "x86_64":  # x86 keeps the first 1 MiB reserved (since 5.13)
             low_end = (1 << 20) >> self.page_shift
             for n in self.cfg.nodes:
@@ -211,6 +233,33 @@ class Machine:
                     members.append(bid)
                 links[bid] = None
             pfn = seg_end
+
+    def _overlaps(self, spfn: int, epfn: int) -> Iterable[tuple[MemoryBlock, int, int]]:
+        """(block, zone idx, pages) of boot memory in [spfn, epfn), per zone part of each block."""
+        ppb = self.pages_per_block
+        for bid in range(spfn // ppb, (epfn - 1) // ppb + 1):
+            blk = self.blocks.get(bid)
+            if blk is None:
+                continue
+            for zidx, (lo, hi, _) in blk.boot_zone_pages.items():
+                n = min(hi, epfn) - max(lo, spfn)
+                if n > 0:
+                    yield blk, zidx, n
+
+    def _reserve_range(self, spfn: int, epfn: int, nomap: bool = False) -> None:
+        """memblock reservations at a fixed place (present, not managed, PageReserved)."""
+        for blk, zidx, n in list(self._overlaps(spfn, epfn)):
+            blk.boot_reserved[zidx] = blk.boot_reserved.get(zidx, 0) + n
+            blk.reserved += n
+            if nomap:
+                blk.nomap += n
+            self.nodes[blk.nid].zones[zidx].reserved_boot += n
+
+    def _cma_range(self, spfn: int, epfn: int) -> None:
+        """The CMA area (mm/cma.c): managed pages, counted in the zone's `cma`."""
+        for blk, zidx, n in list(self._overlaps(spfn, epfn)):
+            blk.cma += n
+            self.nodes[blk.nid].zones[zidx].cma += n
 
     def _reserve(self, node: Node, pages: int, low: bool) -> None:
         """memblock reservations: `low` takes pages from pfn 0 up, else from the top down."""
@@ -394,16 +443,28 @@ class Machine:
         zone.add_member(mem.id)
 
     def memory_block_offline(self, mem: MemoryBlock) -> None:
+        """memory_block_offline() + offline_pages(), the checks in the kernel's order.
+
+        5.18+ (cached_zone): a block without a zone (it spans several) fails first, in
+        memory_block_offline(). offline_pages() then refuses a block with holes (fewer
+        "System RAM" pages than it spans: "memory holes"), one in several zones
+        ("multizone range"; before 5.18 test_pages_in_a_zone() found that here), isolates
+        the range (PageReserved, unmovable and CMA pages: EBUSY "failure to isolate
+        range"), asks the memory notifiers (arm64's prevent_bootmem_remove_notifier()
+        answers NOTIFY_BAD for boot memory: EPERM "notifier failure"), then migrates.
+        """
         zone = mem.zone
-        if zone is None:
+        if zone is None and self.profile.cached_zone:
             raise OSError(errno.EINVAL, f"{mem.name} spans multiple zones")
         if mem.has_holes:
-            raise OSError(errno.EINVAL, f"{mem.name} has memory holes")
+            raise OSError(errno.EINVAL, f"{mem.name}: failed due to memory holes")
+        if zone is None:
+            raise OSError(errno.EINVAL, f"{mem.name}: failed due to multizone range")
+        if mem.reserved or mem.unmovable or mem.cma:
+            raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failed due to failure to isolate range")
         if mem.boot and self.cfg.arch.startswith("arm64"):
-            # arm64's memory notifier vetoes offlining boot memory: NOTIFY_BAD -> EPERM
-            raise OSError(errno.EPERM, f"{mem.name} is boot memory (arm64 refuses to offline it)")
-        if mem.reserved or mem.unmovable:
-            raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failure to isolate range")
+            raise OSError(errno.EPERM, f"Boot memory [{mem.start_pfn << self.page_shift:x} "
+                                       f"{mem.end_pfn << self.page_shift:x}] offlining attempted: notifier failure")
         if self.cfg.offline_latency_ms:  # let `state` show going-offline, `online` readers wait
             time.sleep(self.cfg.offline_latency_ms / 1000)
         if not self.allocator.migrate_out(mem):
