@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the daemon to exit (default 15)")
 
     sp = cmd("status", cmd_status, "zones, devices and a memory map of the machine at MNT")
-    sp.add_argument("--json", action="store_true", help="print the status object (keys: see README)")
+    sp.add_argument("--json", action="store_true", help="print the status object (keys: see docs/cli.md)")
 
     sp = cmd("plug", cmd_plug, "hot-add a memory device; prints its id and new blocks")
     sp.add_argument("--size", required=True, metavar="SIZE", help="e.g. 128M, 1G, 0x8000000 (block-size multiple)")

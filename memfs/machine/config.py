@@ -1,6 +1,6 @@
 """Machine description: a TOML file (or the embedded default) turned into typed config.
 
-The keys are a contract other tools rely on (README "Machine description"). Anything
+The keys are a contract other tools rely on (docs/machine.md). Anything
 unknown or inconsistent is refused at load with a message naming the key and the fix.
 """
 from __future__ import annotations
