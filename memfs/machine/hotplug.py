@@ -33,7 +33,10 @@ EHWPOISON = 133  # not in Python's errno module on every platform
 _MAX_PHYSMEM_BITS = {"x86_64": 46}
 
 
-Journal = Callable[[str, tuple, dict, "int | None"], None]
+# The journal callback: (operation, args, kwargs, outcome). The outcome is None for
+# success, the errno of an OSError (what the caller was answered), or any other
+# exception escaping the operation (a model bug, which a replay must raise again).
+Journal = Callable[[str, tuple, dict, "int | BaseException | None"], None]
 
 
 def journaled(fn):
@@ -49,16 +52,19 @@ def journaled(fn):
     def wrapper(self: "Machine", *args: Any, **kw: Any) -> Any:
         with self.lock:
             self._depth += 1
-            err: int | None = None
+            outcome: int | BaseException | None = None
             try:
                 return fn(self, *args, **kw)
             except OSError as e:
-                err = e.errno
+                outcome = e.errno
+                raise
+            except BaseException as e:
+                outcome = e
                 raise
             finally:
                 self._depth -= 1
                 if self._depth == 0 and self.journal is not None:
-                    self.journal(name, args, kw, err)
+                    self.journal(name, args, kw, outcome)
     return wrapper
 
 
