@@ -45,13 +45,11 @@ def _size(text: str, what: str) -> int:
 
 def _load_config(a: argparse.Namespace) -> None:
     """Check the machine description before starting anything (exit 2 if it is wrong)."""
-    from .machine.config import ConfigError, load_config, parse_set_value
-    overrides = {}
-    for kv in a.set:
-        k, sep, v = kv.partition("=")
-        if not sep or not k.strip():
-            raise Fail(EXIT_USAGE, f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
-        overrides[k.strip()] = parse_set_value(v)
+    from .machine.config import ConfigError, load_config, parse_sets
+    try:
+        overrides = parse_sets(a.set)
+    except ConfigError as e:
+        raise Fail(EXIT_USAGE, str(e)) from None
     try:
         load_config(a.config, overrides=overrides, kernel=a.kernel)
     except ConfigError as e:
