@@ -291,13 +291,6 @@ def invariants(s: dict[str, Any]) -> list[str]:
     return bad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def figures_after_module():
-    """Imported by every reliability test module: writes the figures when the module ends."""
-    yield
-    write_figures()
-
-
 def pwrite(path, data: bytes, offset: int = 0) -> int | None:
     """open(O_WRONLY) + one pwrite + close; None on success, else the errno (open's or pwrite's)."""
     try:
