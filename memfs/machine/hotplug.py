@@ -70,7 +70,7 @@ def journaled(fn):
 
 
 @dataclass
-class Ost:
+class AcpiOstReport:
     """An ACPI _OST report, as QEMU shows it in ACPI_DEVICE_OST events."""
     device: str
     source: int
@@ -101,7 +101,7 @@ class Machine:
         self.groups: dict[int, MemoryGroup] = {}
         self._next_group = 0
         self.allocator = Allocator(self)
-        self.ost_log: deque[Ost] = deque(maxlen=10_000)  # recent ACPI _OST reports
+        self.ost_log: deque[AcpiOstReport] = deque(maxlen=10_000)  # recent ACPI _OST reports
         self.poisoned: set[int] = set()
         # module parameters and sysfs knobs
         b = cfg.boot
@@ -718,7 +718,7 @@ class Machine:
                 raise
             if slot is not None:
                 self.slots[slot] = dev
-                self.ost_log.append(Ost(dev_id, 1, 0))
+                self.ost_log.append(AcpiOstReport(dev_id, 1, 0))
             return dev
 
     @journaled
@@ -777,7 +777,7 @@ class Machine:
             dev = self.device(dev_id)
             if dev.slot is None:
                 raise OSError(errno.ENODEV, f"{dev_id} is not an ACPI memory device")
-            self.ost_log.append(Ost(dev_id, source, 0x84))
+            self.ost_log.append(AcpiOstReport(dev_id, source, 0x84))
             blocks = [self.blocks[b] for b in dev.block_ids]
             offlined: list[MemoryBlock] = []
             failed: MemoryBlock | None = None
@@ -796,10 +796,10 @@ class Machine:
             if failed is not None:
                 for mem in offlined:
                     self.device_online(mem)  # acpi_bus_online(): MMOP_ONLINE, the default zone
-                self.ost_log.append(Ost(dev_id, source, 0x82))
+                self.ost_log.append(AcpiOstReport(dev_id, source, 0x82))
                 raise OSError(errno.EBUSY, f"{failed.name}: Offline failed.")
             self.remove_memory(dev)
-            self.ost_log.append(Ost(dev_id, source, 0))
+            self.ost_log.append(AcpiOstReport(dev_id, source, 0))
 
     @journaled
     def offline_and_remove_memory(self, dev_id: str) -> None:
