@@ -141,6 +141,14 @@ def _class_ok(cls: type) -> bool:
 _SCALARS = frozenset({type(None), bool, int, str})
 
 
+def _sorted_members(x: set | frozenset) -> list:
+    """A set's members in a stable order, so equal machines encode to equal bytes."""
+    try:
+        return sorted(x)
+    except TypeError:
+        return sorted(x, key=repr)
+
+
 def encode(machine: Machine) -> dict[str, Any]:
     """The Machine's whole object graph as JSON-able data (call under ``machine.lock``).
 
@@ -186,20 +194,12 @@ def encode(machine: Machine) -> dict[str, Any]:
                 return {"d": [[k if type(k) in scalars else enc(k), v if type(v) in scalars else enc(v)]
                               for k, v in x.items()]}
             if t is set:
-                try:
-                    items = sorted(x)
-                except TypeError:
-                    items = sorted(x, key=repr)
-                return {"s": [enc(v) for v in items]}
+                return {"s": [enc(v) for v in _sorted_members(x)]}
             return {"q": [enc(v) for v in x], "m": x.maxlen}
         if t is tuple:
             return {"t": [v if type(v) in scalars else enc(v) for v in x]}
         if t is frozenset:
-            try:
-                items = sorted(x)
-            except TypeError:
-                items = sorted(x, key=repr)
-            return {"fs": [enc(v) for v in items]}
+            return {"fs": [enc(v) for v in _sorted_members(x)]}
         rec = records.get(id(x))
         if rec is not None:
             i = ids.get(id(x))
