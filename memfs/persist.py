@@ -50,6 +50,7 @@ of a compaction is locked before it is renamed into place).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -704,7 +705,7 @@ class StateFile:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         return fd, tmp
@@ -727,7 +728,7 @@ class StateFile:
             os.close(fd)
             raise StateError(f"cannot create the state file {path}: {e.strerror}") from None
         finally:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
         return fd, h
 
@@ -740,7 +741,7 @@ class StateFile:
             return
         for n in names:
             if n.startswith(prefix):
-                with _suppress():
+                with contextlib.suppress(OSError):
                     os.unlink(os.path.join(d, n))
                     log.info("removed %s (left by a compaction that did not finish)", n)
 
@@ -855,7 +856,7 @@ class StateFile:
 
     def _discard(self, staged: tuple[int, str, str, int, int]) -> None:
         os.close(staged[0])
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(staged[1])
 
     def _install(self, staged: tuple[int, str, str, int, int], t0: float) -> bool:
@@ -908,14 +909,6 @@ class StateFile:
                 self.compact()
             self.closed = True
             os.close(self.fd)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def read_journal(path: str) -> tuple[dict[str, Any], list[list]]:
