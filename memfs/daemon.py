@@ -232,6 +232,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         # sandbox hook (memfs/sandbox/service.py): namespaces + uevent delivery, started once FUSE serves
         from .sandbox.service import DaemonSandbox
         sandbox_hook = DaemonSandbox(machine, mnt, paths["sock"], mode=sandbox, uevent_helper=uevent_helper)
+        handler.info["sandbox"] = sandbox_hook.status   # memfs status shows it (updated in place)
         # Only the main thread may take SIGTERM/SIGINT/SIGHUP: libfuse's handler must
         # interrupt the main loop's wait (its worker threads block every signal).
         stop = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}

@@ -12,7 +12,12 @@ INIT_NET_INO = 0xEFFFFFF9
 
 
 class SandboxError(Exception):
-    """The sandbox cannot be made or used safely; the message says why."""
+    """The sandbox cannot be made or used safely; the message says why (``errno``: the
+    failed system call's, when that was the cause)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class Expectations(TypedDict):

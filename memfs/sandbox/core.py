@@ -75,15 +75,17 @@ class Sandbox:
             deadline = time.monotonic() + timeout
             msg = reader.next(deadline)
             if msg.get("state") != "userns":
-                raise SandboxError(f"sandbox holder failed: {msg.get('error', msg)}")
+                raise _holder_error("sandbox holder failed", msg)
             # identity map of every uid/gid: root in the sandbox is root's uid, with
             # capabilities only inside the sandbox's namespaces
-            with open(f"/proc/{proc.pid}/uid_map", "w") as f:
-                f.write("0 0 4294967295\n")
-            with open(f"/proc/{proc.pid}/setgroups", "w") as f:
-                f.write("allow\n")
-            with open(f"/proc/{proc.pid}/gid_map", "w") as f:
-                f.write("0 0 4294967295\n")
+            for name, text in (("uid_map", "0 0 4294967295\n"), ("setgroups", "allow\n"),
+                               ("gid_map", "0 0 4294967295\n")):
+                try:
+                    with open(f"/proc/{proc.pid}/{name}", "w") as f:
+                        f.write(text)
+                except OSError as e:
+                    raise SandboxError(f"writing /proc/PID/{name} of the sandbox holder: "
+                                       f"[Errno {e.errno}] {e.strerror}", e.errno) from None
             os.write(go_w, b"mapped\n")
             ready = None
             while ready is None:
@@ -93,7 +95,7 @@ class Sandbox:
                 elif msg.get("state") == "ready":
                     ready = msg
                 else:
-                    raise SandboxError(f"{msg.get('error', msg)}")
+                    raise _holder_error("sandbox holder failed", msg)
             if holder_pid is None:
                 raise SandboxError("sandbox holder did not report its pid")
             sb = cls(mnt=mnt, holder=holder_pid, middle=proc, dev=ident.dev, netns=ready["netns"],
@@ -132,13 +134,16 @@ class Sandbox:
 
     @classmethod
     def from_state(cls, path: str) -> Sandbox:
-        """A handle on a sandbox that another process (the daemon) holds."""
+        """A handle on a sandbox that another process (the daemon) holds; SandboxError with
+        the daemon's own reason if it has none."""
         require_root()
         try:
             with open(path) as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise SandboxError(f"no sandbox state at {path}") from None
+        if "error" in d:
+            raise SandboxError(f"no sandbox for {d.get('mnt', path)}: {d['error']}", d.get("errno"))
         sb = cls(mnt=d["mnt"], holder=d["holder"], middle=None, dev=d["dev"], netns=d["netns"],
                  userns=d["userns"], mntns=d["mntns"], initial_net=d["initial_net"], overlays=d["overlays"],
                  state_file=path, started=d.get("started", 0.0))
@@ -270,6 +275,20 @@ class Sandbox:
         self.stop()
 
 
+def write_no_sandbox(path: str, mnt: str, reason: str, errno: int | None = None) -> None:
+    """Record at ``path`` (where a sandbox would record itself) why ``mnt`` has none, for
+    ``memfs exec`` and friends to say so."""
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump({"mnt": mnt, "error": reason, "errno": errno}, f)
+    os.replace(tmp, path)
+
+
+def _holder_error(what: str, msg: dict[str, object]) -> SandboxError:
+    err = msg.get("errno")
+    return SandboxError(f"{what}: {msg.get('error', msg)}", err if isinstance(err, int) else None)
+
+
 def state_paths(mnt: str | os.PathLike[str]) -> list[str]:
     """Where a daemon-held sandbox of ``mnt`` records itself (next to the control socket)."""
     return [p[:-len(".sock")] + ".sandbox" for p in control.socket_candidates(mnt)]
@@ -285,8 +304,8 @@ def open_sandbox(mnt: str | os.PathLike[str]) -> Sandbox:
             sb = Sandbox.from_state(path)
             sb.verify()
             return sb
-    raise SandboxError(f"no sandbox for {real}: the daemon serving it has none "
-                       f"(it was mounted with --no-sandbox, or by an older memfs)")
+    raise SandboxError(f"no sandbox for {real}: the daemon serving it has not recorded one (it "
+                       f"is still starting it, or it is an older memfs); see memfs status {real}")
 
 
 def _kill_wait(proc: subprocess.Popen, holder_pid: int | None, timeout: float = 10.0) -> None:

@@ -58,6 +58,10 @@ def _write_line(fd: int, obj: dict[str, object]) -> None:
     os.write(fd, (json.dumps(obj) + "\n").encode())
 
 
+def _write_error(fd: int, e: OSError | SandboxError) -> None:
+    _write_line(fd, {"state": "error", "error": str(e), "errno": e.errno})
+
+
 def setup(spec: HolderSpec) -> HolderInfo:
     """Runs as pid 1 of the new pid namespace, in the new user/mount/net namespaces."""
     own_net = os.stat("/proc/self/ns/net").st_ino
@@ -143,7 +147,7 @@ def run_middle(status_fd: int, go_fd: int, life_fd: int, spec: HolderSpec) -> in
             flags |= CLONE_NEWNET
         unshare(flags)
     except (OSError, SandboxError) as e:
-        _write_line(status_fd, {"state": "error", "error": str(e)})
+        _write_error(status_fd, e)
         return 1
     pid = os.fork()
     if pid == 0:  # pid 1 of the sandbox
@@ -152,7 +156,7 @@ def run_middle(status_fd: int, go_fd: int, life_fd: int, spec: HolderSpec) -> in
             try:
                 info = setup(spec)
             except (OSError, SandboxError) as e:
-                _write_line(status_fd, {"state": "error", "error": str(e)})
+                _write_error(status_fd, e)
                 os._exit(1)
             _write_line(status_fd, {"state": "ready", **info})
             os.close(status_fd)
