@@ -70,7 +70,7 @@ def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
         args += ["--state", os.path.abspath(a.state)]
     if a.control_mode is not None:
         args += ["--control-mode", f"{a.control_mode:o}"]
-    from .sandbox_cli import daemon_args  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import daemon_args  # sandbox hook (memfs/sandbox/cli.py)
     args += daemon_args(a)
     return args
 
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",
                     help="seconds to wait for the mount to serve (default 30)")
     sp.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
-    from .sandbox_cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(sp)
 
     sp = cmd("umount", cmd_umount, "unmount MNT and stop its daemon (also removes a dead memfs mount)")
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to S seconds (at most 60) for an event after N")
     sp.add_argument("--json", action="store_true")
 
-    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox_cli.py)
+    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox/cli.py)
     return p
 
 
