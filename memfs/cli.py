@@ -51,11 +51,14 @@ def _load_config(a: argparse.Namespace) -> None:
     except ConfigError as e:
         raise Fail(EXIT_USAGE, str(e)) from None
     try:
-        load_config(a.config, overrides=overrides, kernel=a.kernel)
+        cfg = load_config(a.config, overrides=overrides, kernel=a.kernel)
     except ConfigError as e:
         raise Fail(EXIT_USAGE, f"{a.config or 'default machine'}: {e}") from None
     except OSError as e:
         raise Fail(EXIT_USAGE, f"cannot read the machine description {a.config}: {e.strerror}") from None
+    if a.kernel and a.kernel.strip() != cfg.kernel:  # a release string: say which profile covers it
+        from .machine.profiles import resolve_kernel
+        print(f"memfs: note: {resolve_kernel(a.kernel)[1]}", file=sys.stderr)
 
 
 def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
@@ -287,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("mount", cmd_mount, "mount a machine at MNT; returns once the mount serves")
     sp.add_argument("--config", metavar="FILE", help="machine description (TOML); default: the embedded machine")
-    sp.add_argument("--kernel", metavar="V", help="kernel profile, e.g. 6.1 or 6.8 (overrides the file's kernel)")
+    sp.add_argument("--kernel", metavar="V", help="kernel profile (e.g. 6.1, 6.12, 7.2) or a release such as 6.12.117+deb13-amd64, "
+                         "which picks the newest profile not newer than it (overrides the file's kernel)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one key of the description, e.g. --set boot.memhp_default_state=online "
                          "(VALUE in TOML syntax, or a bare string); repeatable")
