@@ -504,9 +504,6 @@ def validate(cfg: MachineConfig) -> None:
             spans.append((d.addr, d.addr + d.size, where))
         if d.node not in ids:
             raise ConfigError(f"{where}: node {d.node} is not a configured [[node]]; add one (ram may be empty)")
-    if not cfg.acpi_memory_hotplug and any(d.driver == "acpi" for d in cfg.dimms):
-        raise ConfigError("dimm: driver \"acpi\" needs acpi_memory_hotplug = true (this kernel has no "
-                          "CONFIG_ACPI_HOTPLUG_MEMORY); use driver = \"virtio_mem\" or \"dax_kmem\"")
     if len([d for d in cfg.dimms if d.driver == "acpi"]) > cfg.slots:
         raise ConfigError(f"hotplug.slots: {cfg.slots} slots cannot hold the {len(cfg.dimms)} ACPI DIMMs")
     spans.sort()

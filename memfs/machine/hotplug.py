@@ -737,17 +737,14 @@ class Machine:
             if node not in self.nodes:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
             slot = None
-            if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
-                raise OSError(errno.EOPNOTSUPP,
-                              "this kernel has no ACPI memory hotplug (CONFIG_ACPI_HOTPLUG_MEMORY is not set, as in "
-                              "Debian's arm64 kernels): a DIMM never becomes memory; hot-add with --driver virtio_mem "
-                              "or --driver dax_kmem")
             if driver == "acpi":
                 slot = next((i for i, d in enumerate(self.slots) if d is None), None)
                 if slot is None:
                     raise OSError(errno.ENOSPC, f"all {len(self.slots)} DIMM slots are populated")
             start = addr if addr is not None else self._find_free_range(size)
             dev = HotplugDevice(dev_id, driver, start, size, node, slot=slot)
+            if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
+                return self._acpi_dimm_without_driver(dev)
             pages = size >> self.page_shift
             if driver == "acpi":
                 dev.group = self._new_group(node, False, pages)
@@ -788,6 +785,21 @@ class Machine:
                 self.slots[slot] = dev
                 self.ost_log.append(AcpiOstReport(dev_id, 1, 0))
             return dev
+
+    def _acpi_dimm_without_driver(self, dev: HotplugDevice) -> HotplugDevice:
+        """A DIMM on a kernel without CONFIG_ACPI_HOTPLUG_MEMORY (Debian's arm64 kernels).
+
+        QEMU takes it (its slot shows status 15) and the ACPI core scans the new PNP0C80
+        device and reports _OST success, but no driver binds it: no memory block, no
+        memory. The arm64 reference trace shows exactly this for cold- and hot-plugged
+        DIMMs; QMP device_del still ejects it (acpi_eject(), no blocks to offline)."""
+        self._check_range(dev.start, dev.size, dev.nid)
+        self.devices[dev.id] = dev
+        assert dev.slot is not None
+        self.slots[dev.slot] = dev
+        self.ost_log.append(AcpiOstReport(dev.id, 1, 0))
+        self._changed()
+        return dev
 
     @journaled
     def probe_store(self, addr: int) -> None:
