@@ -80,7 +80,7 @@ class NodeConfig:
     distance: list[int] = field(default_factory=list)
 
 
-RESERVE_KINDS = ("kernel", "firmware", "reserved", "cma")
+RESERVE_KINDS = ("kernel", "firmware", "reserved", "cma", "used")
 
 
 @dataclass
@@ -89,7 +89,8 @@ class ReserveConfig:
 
     kernel/firmware/reserved: PageReserved pages (present, not managed) that page
     isolation refuses; cma: managed pages in MIGRATE_CMA pageblocks, which offlining
-    cannot isolate either (mm/page_isolation.c has_unmovable_pages()).
+    cannot isolate either (mm/page_isolation.c has_unmovable_pages()); used: managed pages
+    the booted kernel holds there (slab, page tables: unmovable), on top of [[node]] used.
     """
     start: int
     end: int

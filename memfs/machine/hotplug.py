@@ -177,6 +177,8 @@ class Machine:
         for r in self.cfg.reserves:
             if r.kind == "cma":
                 self._cma_range(r.start >> shift, r.end >> shift)
+            elif r.kind == "used":
+                continue  # allocated below, once zones know what they manage
             else:  # memblock_reserve(): the kernel image, initrd, firmware tables
                 self._reserve_range(r.start >> shift, r.end >> shift)
         if self.cfg.arch == "x86_64":  # x86 keeps the first 1 MiB reserved (since 5.13)
@@ -191,6 +193,10 @@ class Machine:
         # Boot blocks' `add` events went out before any listener existed (userspace
         # replays them by coldplug): they use up SEQNUMs but are not kept.
         self.events.seqnum += len(self.blocks)
+        for r in self.cfg.reserves:
+            if r.kind == "used":  # the kernel's own pages at a known place: unmovable
+                for blk, _, n in list(self._overlaps(r.start >> shift, r.end >> shift)):
+                    self.allocator.allocate(_alloc.UNMOVABLE, n, blk.nid, label="kernel", order=[blk])
         for n in self.cfg.nodes:
             pages = n.used >> self.page_shift
             if pages:
