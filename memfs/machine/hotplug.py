@@ -170,6 +170,7 @@ class Machine:
                 (zidx,) = parts
                 blk.zone = self.nodes[blk.nid].zones[zidx]
         self.nr_memmap_boot_pages = len(present_sections) * self.section_memmap_pages()
+        self.boot_sections = present_sections  # present_section_nr(): sections memblock has memory in
         self.boot_normal_nodes = {n.id for n in self.nodes.values() if n.has_normal_memory()}
         for n in self.cfg.nodes:
             for start, end in n.nomap:  # present, never managed, not System RAM
@@ -419,13 +420,57 @@ class Machine:
             return self.auto_movable_zone_for_pfn(nid, group, start_pfn, nr_pages)
         return self.default_zone_for_pfn(nid, start_pfn, nr_pages)
 
+    def page_zone(self, mem: MemoryBlock, pfn: int) -> Zone:
+        """page_zone() of a boot block's page, holes included: mm/page_alloc.c memmap_init()
+        gives a hole's struct pages the zone of the range after it, and the hole from the
+        end of RAM to the end of its section the node's highest populated zone."""
+        zones = self.nodes[mem.nid].zones
+        after = None
+        for zidx, (lo, hi, _) in mem.boot_zone_pages.items():
+            if lo <= pfn < hi:
+                return zones[zidx]
+            if lo > pfn and (after is None or lo < after[0]):
+                after = (lo, zidx)
+        if after is not None:
+            return zones[after[1]]
+        return max((z for z in zones if z.present), key=lambda z: z.idx)
+
+    def test_pages_in_a_zone(self, mem: MemoryBlock) -> Zone | None:
+        """mm/memory_hotplug.c test_pages_in_a_zone() (5.12-5.17): one page per
+        MAX_ORDER_NR_PAGES of each present section; NULL once a page lies outside the
+        zone's span or in another zone. So a block whose RAM ends inside it (the last
+        block of a real 16 GiB laptop) gets "none" in valid_zones on these kernels."""
+        # MAX_ORDER_NR_PAGES: 1024 with 4K pages (MAX_ORDER 11); arm64 16K/64K: a pageblock
+        step = 1024 if self.page_size == 4096 else self.arch.pageblock_pages
+        zone: Zone | None = None
+        pps = self.pages_per_section
+        for sec in range(mem.start_pfn // pps, mem.end_pfn // pps):
+            if sec not in self.boot_sections:
+                continue
+            for pfn in range(sec * pps, (sec + 1) * pps, step):
+                if zone is not None and not zone.start_pfn <= pfn < zone.end_pfn:
+                    return None
+                z = self.page_zone(mem, pfn)
+                if zone is not None and z is not zone:
+                    return None
+                zone = z
+        return zone
+
     def valid_zones(self, mem: MemoryBlock) -> str:
-        """valid_zones_show(), without the trailing newline."""
+        """valid_zones_show(), without the trailing newline.
+
+        An online block shows its zone: from 5.18 the one stored per memory block
+        (drivers/base/memory.c, 395f6081bad4 "determine and store zone for single-zone
+        memory blocks": NULL only when the block spans zones); before, the zone that
+        test_pages_in_a_zone() finds by scanning the block's pages."""
         lockdep_assert_held(self.lock)
         if mem.state == MEM_ONLINE:
-            if mem.zone is None:
+            zone = mem.zone
+            if not self.profile.cached_zone and mem.boot_zone_pages:
+                zone = self.test_pages_in_a_zone(mem)
+            if zone is None:
                 return "none"
-            return mem.zone.name
+            return zone.name
         default = self.zone_for_pfn_range(MMOP_ONLINE, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
         names = [default.name]
         for t in (MMOP_ONLINE_KERNEL, MMOP_ONLINE_MOVABLE):

@@ -132,3 +132,42 @@ def test_x86_cma_and_nomap_blocks():
         except OSError as e:
             errs[b] = e.errno
     assert errs == {16: errno.EBUSY, 17: None, 23: errno.EINVAL}
+
+
+# ---------------------------------------------------------------- x86: a real 16 GiB laptop
+LAPTOP = {"node": [{"id": 0, "ram": [
+    "0x1000-0x9f000",             # the low 640 KiB (less the BIOS data page)
+    "0x100000-0x80000000",        # above the legacy hole (VGA, option ROMs, BIOS) to 2 GiB
+    "0x100000000-0x46f800000",    # above the PCI hole; RAM ends inside memory141
+]}]}
+
+
+@pytest.mark.parametrize("kernel, last", [("5.12", "none"), ("5.13", "none"), ("5.15", "none"),
+                                          ("6.1", "Normal"), ("6.12", "Normal"), ("7.2", "Normal")])
+def test_x86_last_block_of_a_16g_laptop(kernel, last):
+    """memory141 holds RAM up to 0x46f800000 and 8 MiB past it. test_pages_in_a_zone()
+    (to 5.17) meets page 0x46f800 outside ZONE_NORMAL's span: "none"; from 5.18 the block's
+    stored zone: "Normal". Offlining fails EINVAL (memory holes) on both."""
+    m = Machine(from_dict({"kernel": kernel, **LAPTOP}))
+    s = Sysroot(m)
+    vz = {b: s.read(f"/sys/devices/system/memory/memory{b}/valid_zones").strip() for b in (0, 1, 15, 32, 140, 141)}
+    assert vz == {0: "none", 1: "DMA32", 15: "DMA32", 32: "Normal", 140: "Normal", 141: last}
+    assert not s.exists("/sys/devices/system/memory/memory16")  # the PCI hole has no blocks
+    assert s.write("/sys/devices/system/memory/memory141/state", b"offline") == errno.EINVAL
+    assert m.cfg.hotplug_base == 18 * GiB  # QEMU-like placement: after the RAM, 1 GiB aligned
+
+
+def test_x86_ram_ending_on_a_max_order_boundary_near_the_end():
+    """Only pages at 4 MiB steps are looked at: RAM ending 2 MiB before the block's end
+    leaves every looked-at page inside ZONE_NORMAL, so 5.15 prints Normal too."""
+    ram = ["0x100000-0x80000000", "0x100000000-0x47fe00000"]
+    m = Machine(from_dict({"kernel": "5.15", "node": [{"id": 0, "ram": ram}]}))
+    assert Sysroot(m).read("/sys/devices/system/memory/memory143/valid_zones") == "Normal\n"
+
+
+def test_x86_scan_after_offline_online_uses_the_zone():
+    """A boot block that went offline and online again is a plain block of its zone."""
+    m = Machine(from_dict({"kernel": "5.15", **LAPTOP}))
+    m.state_store(140, 0)
+    m.state_store(140, 1)
+    assert Sysroot(m).read("/sys/devices/system/memory/memory140/valid_zones") == "Normal\n"
