@@ -1,4 +1,4 @@
-"""Replay the reference traces (x86 6.1, and arm64 6.1 below) end to end through `memfs mount`, with the shell.
+"""Replay the reference traces through `memfs mount`, with the shell (x86 6.1; arm64 6.1 below).
 
 The daemon is started with the `memfs` command and the trace's kernel command line
 (`--set boot.memmap_on_memory=...`). Every write of the trace is `echo VALUE > MNT/PATH`
