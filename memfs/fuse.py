@@ -28,6 +28,7 @@ Any unexpected exception is logged and turned into ``EIO``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -163,6 +164,7 @@ class Invalidator:
         self._writing: dict[str, int] = {}
         self._orphans: list[Change] = []  # changes of threads that do not flush themselves
         self._after_write: set[str] = set()
+        self._written: set[str] = set()
         self._need_ino: set[str] = set()
         self._local = threading.local()
         self._wake = threading.Condition(self._mu)
@@ -268,7 +270,7 @@ class Invalidator:
         return _encode(attr.show()), False  # type: ignore[misc]
 
     @contextlib.contextmanager
-    def writing(self, path: str, size: int) -> Iterator[None]:
+    def writing(self, path: str) -> Iterator[None]:
         """Around a ``write()`` of ``path``: its page is locked by the kernel meanwhile."""
         with self._mu:
             self._writing[path] = self._writing.get(path, 0) + 1
@@ -282,12 +284,24 @@ class Invalidator:
                     self._writing[path] = n
                 else:
                     del self._writing[path]
-                if size >= ATTR_SIZE:
-                    # a write of a whole page leaves the written bytes cached as the
-                    # file's text, and st_size 4096 no longer differs: drop it once
-                    # answered (from the invalidator thread: it waits for the reply)
-                    self._after_write.add(path)
-                    self._wake.notify()
+                # The kernel's cached page now holds the written bytes: the next GETATTR
+                # reports another size (written()), and the invalidator's thread drops
+                # the page once the WRITE is answered (its notification waits for that).
+                self._written.add(path)
+                self._after_write.add(path)
+                self._wake.notify()
+
+    def written(self, path: str) -> int:
+        """1 once after a write of ``path``, else 0: added to the st_size of the GETATTR
+        that follows the write, so that the kernel, finding a size other than the one
+        its cached page has, drops the page (fuse_change_attributes()): a write leaves
+        its own bytes in a cached page ("on" written to `online` whose text is "1\\n"),
+        and no notification may be sent for it while its WRITE is in flight."""
+        with self._mu:
+            if path in self._written:
+                self._written.discard(path)
+                return 1
+        return 0
 
     # -- sending -------------------------------------------------------------
 
@@ -467,6 +481,8 @@ class SysfsOperations(_fusepy.Operations):
         # a resolve that raced with a change from caching what it found before it.
         self._paths: dict[str, Node] | None = None
         self._path_gen = 0
+        #: FUSE requests that reached Python, by operation (tests count them)
+        self.upcalls: collections.Counter[str] = collections.Counter()
         self._handles: dict[int, _Handle] = {}
         self._lock = threading.Lock()
         self._fh_counter = itertools.count(1)
@@ -517,6 +533,7 @@ class SysfsOperations(_fusepy.Operations):
     # -- dispatch: every operation goes through here ----------------------
 
     def __call__(self, op: str, *args: Any) -> Any:
+        self.upcalls[op] += 1
         method = getattr(self, op, None)
         if method is None:
             raise _err(errno.ENOSYS)
@@ -590,15 +607,37 @@ class SysfsOperations(_fusepy.Operations):
             h = self._handles.get(fh)
             if h is not None:
                 return self._stat(h.attr)
-        if fh == 0 and self.inv is not None:
-            # page-cache mode, asked through an open file (fusepy passes fh None for
-            # LOOKUP and path GETATTR): a removed attribute still has its stat, so that
-            # the read or write that asked goes on and fails ENODEV, as on sysfs
-            try:
-                return self._stat(self._resolve(path))
-            except OSError:
+        inv = self.inv
+        if inv is None:
+            return self._stat(self._resolve(path))
+        try:
+            node = self._resolve(path)
+        except OSError:
+            if fh == 0:
+                # asked through an open file (fusepy passes fh None for LOOKUP and path
+                # GETATTR): a removed attribute still has a stat, so that the read or
+                # write that asked goes on and fails ENODEV, as on sysfs
                 return self._dead_stat
-        return self._stat(self._resolve(path))
+            raise
+        if not isinstance(node, Attr) or not node.readable:
+            return self._stat(node)
+        # Page-cache mode: st_size is the length of the text.  The kernel trusts
+        # st_size for reads from its cache (filemap_read() stops at i_size), and a
+        # short READ shrinks i_size and drops the attributes, so with 4096 every
+        # fstat(2) (cat, fopen) would drop the cached page again; the size is then
+        # part of what the kernel caches, so the text is registered as cached.
+        entry = inv.register(path, node)
+        text: bytes | None = None
+        try:
+            text, consistent = inv.show(node)
+        except OSError:
+            return self._stat(node)  # the READ will report the error
+        finally:
+            if entry is not None:
+                inv.filled(path, entry, text, consistent if text is not None else True)
+        st = dict(self._stat(node))
+        st["st_size"] = len(text) + inv.written(path)
+        return st
 
     def readdir(self, path: str, fh: int) -> Iterator[tuple[str, dict[str, int], int]]:
         node = self._resolve(path)
@@ -702,7 +741,7 @@ class SysfsOperations(_fusepy.Operations):
             n = len(data)
             if n == 0:
                 return 0
-            with inv.writing(path, n):
+            with inv.writing(path):
                 attr.store(data[:STORE_MAX] if n > STORE_MAX else data)  # type: ignore[misc]
             return n
         h = self._handle(fh)
