@@ -323,14 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-mode", type=parse_mode, default=control.DEFAULT_MODE)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
-<<<<<<< HEAD
-    from .sandbox.cli import add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
-=======
     p.add_argument("--no-inc-epoch", dest="inc_epoch", action="store_false",
                    help="drop vanished entries with FUSE_NOTIFY_INVAL_ENTRY, as on kernels "
                         "before 6.16, even where FUSE_NOTIFY_INC_EPOCH exists (tests)")
-    from .sandbox_cli import add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
->>>>>>> h9-fastpath
+    from .sandbox.cli import add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a.debug)
