@@ -76,6 +76,9 @@ def test_sys_bus_node_is_memfs_in_the_sandbox(memfs_machine):
     assert r.returncode == 0 and r.stdout.split() == ["node0", "node1"], r.stderr
     r = m.run("cat", "/sys/devices/system/node/node1/subsystem/devices/node1/distance")
     assert r.stdout == "21 10\n", r.stderr
+    link = m.path / "sys/bus/node/devices/node2"
+    assert not link.exists()  # the kernel may now cache this negative lookup
     m.plug("128M", node=2)  # node 2 comes online: its bus link appears, through the mount's caches
+    assert link.is_symlink()
     assert m.run("ls", "/sys/bus/node/devices").stdout.split() == ["node0", "node1", "node2"]
     assert sorted(os.listdir(m.path / "sys/bus/node/devices")) == ["node0", "node1", "node2"]
