@@ -440,6 +440,7 @@ class Machine:
         MAX_ORDER_NR_PAGES of each present section; NULL once a page lies outside the
         zone's span or in another zone. So a block whose RAM ends inside it (the last
         block of a real 16 GiB laptop) gets "none" in valid_zones on these kernels."""
+        lockdep_assert_held(self.lock)
         # MAX_ORDER_NR_PAGES: 1024 with 4K pages (MAX_ORDER 11); arm64 16K/64K: a pageblock
         step = 1024 if self.page_size == 4096 else self.arch.pageblock_pages
         zone: Zone | None = None
