@@ -395,7 +395,7 @@ def probe_memory_block_size(cfg: MachineConfig) -> int:
     arch = cfg.arch_profile
     if cfg.arch != "x86_64":
         return arch.section_size
-    end = boot_end(cfg)
+    end = max((e for n in cfg.nodes for _, e in n.ram), default=0)  # max_pfn: e820 RAM only
     if end < 64 * GiB:
         return 128 * MiB
     if not cfg.hypervisor:
