@@ -236,6 +236,17 @@ def test_units_under_a_booted_systemd(container: Container) -> None:
     wait_for(lambda: c.read(f"{MEM}/memory42/state") == "online\n", timeout=30,
              what="the companion's udev rule to online memory42")
     assert c.show("memfs-udevd@test", "ActiveState") == "active"
+    # a restart of the machine restarts the companion too (BindsTo= stops it, the
+    # WantedBy= of `systemctl enable` starts it again), with the rules
+    udevd_pid = c.show("memfs-udevd@test", "MainPID")
+    c.run("systemctl", "restart", "memfs@test")
+    wait_for(lambda: c.show("memfs-udevd@test", "MainPID") not in ("0", udevd_pid), timeout=30,
+             what="memfs-udevd@test to start again with memfs@test")
+    wait_for(lambda: c.run("memfs", "exec", MNT, "--", "udevadm", "control", "--ping", "--timeout=2",
+                           check=False).returncode == 0, timeout=30, what="the companion's new udevd")
+    assert "dimm5: memory43 (offline)" in c.run("memfs", "plug", MNT, "--size", "128M").stdout
+    wait_for(lambda: c.read(f"{MEM}/memory43/state") == "online\n", timeout=30,
+             what="the restarted companion to online memory43")
 
     # stop: no mount, no process (the companion stops with it: BindsTo=)
     c.run("systemctl", "stop", "memfs@test")
