@@ -151,7 +151,7 @@ def container(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     log = tmp_path_factory.mktemp("nspawn") / "nspawn.log"
     env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
     argv = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", str(ROOT),
-            "--volatile=overlay", "--machine=memfs-test",
+            "--volatile=overlay", f"--machine=memfs-test-{os.getpid()}",
             "--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN", "--private-network",
             "--system-call-filter=bpf", "--bind=/dev/fuse", f"--bind-ro={wheels}:/memfs-wheels",
             "--console=read-only", "--boot"]
@@ -202,6 +202,11 @@ def memfs_pids(c: Container) -> list[str]:
 
 def test_units_under_a_booted_systemd(container: Container) -> None:
     c = container
+    # the container enforces DevicePolicy= (without the flags above it silently would not),
+    # so DevicePolicy=closed + DeviceAllow=/dev/fuse of the unit are really tested
+    r = c.run("systemd-run", "--wait", "--pipe", "--quiet", "-p", "DevicePolicy=strict",
+              "head", "-c0", "/dev/null", check=False)
+    assert r.returncode != 0 and "Operation not permitted" in r.stderr, r.stderr
 
     # start: Type=notify, so `systemctl start` returns once the daemon sent READY=1
     c.run("systemctl", "start", "memfs@test")
