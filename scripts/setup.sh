@@ -43,6 +43,8 @@ memfs_system_packages() {
     fi
     if [ "${1:-}" = test ]; then
         pkgs+=(udev systemd)  # udevadm/systemd-udevd, systemd-analyze
+        # tests/integration/test_systemd_nspawn.py boots the units in a Debian container
+        pkgs+=(systemd-container debootstrap)
     fi
     memfs_apt_install "${pkgs[@]}"
 }
