@@ -66,7 +66,7 @@ def _p(name: str, **kw: object) -> KernelProfile:
 
 PROFILES: dict[str, KernelProfile] = {
     "5.12": _p("5.12", memmap_on_memory=False, online_policy=False, cached_zone=False,
-               hwpoison_online=False),
+               hwpoison_online=False, pcp_pageblock_order=False),
     "5.13": _p("5.13", online_policy=False, cached_zone=False, hwpoison_online=False),
     "5.15": _p("5.15", cached_zone=False, hwpoison_online=False),
     # The spec puts EHWPOISON at 6.1; the per-memory_block counter behind it was posted

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from memfs.machine.config import load_config
 from memfs.machine.hotplug import Machine
+from memfs.machine.profiles import PROFILES, resolve_kernel
 from memfs.sysfs.kernfs import Attr, Link, Tree
 from memfs.sysfs.tree import build_tree
 
@@ -23,7 +24,12 @@ ZONES = ("DMA", "DMA32", "Normal", "Movable")
 def machine_for(trace: Trace) -> Machine:
     """The reference VM: the embedded default machine with the trace's command line."""
     h = trace.header
-    overrides = {"boot.memmap_on_memory": h.memmap_on_memory,
+    memmap: bool | str = h.memmap_on_memory
+    if (h.kernel_params.get("memory_hotplug.memmap_on_memory") or "").lower() == "force":
+        # 6.6+ parses "force"; older kernels' param_set_bool rejects it and the parameter
+        # keeps its default, off (the 6.1 trace g reads N)
+        memmap = "force" if PROFILES[resolve_kernel(h.kernel_version or "6.1")[0]].memmap_force else False
+    overrides = {"boot.memmap_on_memory": memmap,
                  "boot.memhp_default_state": h.memhp_default_state or "offline"}
     cfg = load_config(None, overrides=overrides, kernel=h.kernel_version)
     cfg.dimms = [type(cfg.dimms[0])(id=i, size=s) for i, s in trace.cold_dimms] if cfg.dimms else []
