@@ -107,8 +107,8 @@ class Machine:
         # /proc/vmstat (6.11+)
         self.nr_memmap_pages = 0
         self.nr_memmap_boot_pages = 0
-        # allocation ids of memmap-sized pages held on per-cpu lists (see _populate_memmap)
-        self.pcp_pageblocks: list[int] = []
+        # allocation ids of pages held on the zones' per-cpu lists (_populate_memmap, _fill_pcp)
+        self.pcp_lists: list[int] = []
         self._boot()
 
     @classmethod
@@ -384,6 +384,7 @@ class Machine:
         if self.profile.hwpoison_online and mem.hwpoison:
             raise OSError(EHWPOISON, f"{mem.name} has hwpoisoned pages")
         zone = self.zone_for_pfn_range(mem.online_type, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
+        newly_populated = not zone.populated()
         v = mem.nr_vmemmap_pages
         zone.resize_range(mem.start_pfn, mem.nr_pages)  # move_pfn_range_to_zone()
         self._adjust_present(mem, zone, mem.present_pages)
@@ -393,6 +394,8 @@ class Machine:
         mem.zone = zone
         mem.boot_zone_pages = {}
         zone.add_member(mem.id)
+        if newly_populated:  # online_pages(): the zone's per-cpu lists fill
+            self._fill_pcp(zone)
 
     def memory_block_offline(self, mem: MemoryBlock) -> None:
         zone = mem.zone
@@ -403,7 +406,7 @@ class Machine:
         if mem.boot and self.cfg.arch.startswith("arm64"):
             # arm64's memory notifier vetoes offlining boot memory: NOTIFY_BAD -> EPERM
             raise OSError(errno.EPERM, f"{mem.name} is boot memory (arm64 refuses to offline it)")
-        on_pcp = sum(mem.allocs.get(aid, 0) for aid in self.pcp_pageblocks)
+        on_pcp = sum(mem.allocs.get(aid, 0) for aid in self.pcp_lists)
         if mem.reserved or mem.unmovable > on_pcp:
             raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failure to isolate range")
         if self.cfg.offline_latency_ms:  # let `state` show going-offline, `online` readers wait
@@ -738,24 +741,25 @@ class Machine:
             for _ in range(pages // chunk):
                 first = next(self.allocator.candidates(_alloc.UNMOVABLE, nid), None)
                 zone = first[1] if first is not None else None
-                cached = [aid for aid in self.pcp_pageblocks if self._alloc_zone(aid) is zone]
+                cached = [aid for aid in self.pcp_lists if self._alloc_zone(aid) is zone
+                          and self.allocator.allocs[aid].pages == chunk]
                 if cached:  # the preferred zone's per-cpu list has one
                     aid = cached[-1]
-                    self.pcp_pageblocks.remove(aid)
+                    self.pcp_lists.remove(aid)
                     self.allocator.allocs[aid].label = label
                     reused.append(aid)
                     taken.append(aid)
                     continue
                 taken.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=label).id)
                 try:  # the batch's second page stays on the list, if there is one to take
-                    self.pcp_pageblocks.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label="pcp").id)
+                    self.pcp_lists.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=_alloc.PCP).id)
                 except OSError:
                     pass
         except OSError:
             for aid in taken:
                 if aid in reused:
-                    self.allocator.allocs[aid].label = "pcp"
-                    self.pcp_pageblocks.append(aid)
+                    self.allocator.allocs[aid].label = _alloc.PCP
+                    self.pcp_lists.append(aid)
                 else:
                     self.allocator.free(aid)
             raise
@@ -764,15 +768,28 @@ class Machine:
     def _free_memmap(self, aid: int) -> None:
         """vmemmap_free(): a memmap page goes back to its zone's per-cpu list."""
         if self._pcp_pageblock_pages() and self.allocator.allocs[aid].pages == self._pcp_pageblock_pages():
-            self.allocator.allocs[aid].label = "pcp"
-            self.pcp_pageblocks.append(aid)
+            self.allocator.allocs[aid].label = _alloc.PCP
+            self.pcp_lists.append(aid)
         else:
             self.allocator.free(aid)
 
+    def _fill_pcp(self, zone: Zone) -> None:
+        """A newly populated zone's per-cpu lists fill with its first allocations
+        (rmqueue_bulk refills an empty list with a batch, up to pcp->high): free pages that
+        leave NR_FREE_PAGES until an offline drains them. How many is emergent (what the
+        kernel allocates right then); the profile holds the traces' median."""
+        zone.pcp = min(self.profile.pcp_fill_pages, zone.free)
+
+    def pcp_count(self, zone: Zone) -> int:
+        """Pages on the zone's per-cpu lists (zoneinfo's pagesets count)."""
+        return min(zone.pcp, zone.free) + sum(self.allocator.allocs[a].pages for a in self.pcp_lists
+                                               if self._alloc_zone(a) is zone)
+
     def _drain_pcp(self, zone: Zone) -> None:
         """zone_pcp_disable() at offline: the zone's per-cpu pages go back to the buddy allocator."""
-        for aid in [a for a in self.pcp_pageblocks if self._alloc_zone(a) is zone]:
-            self.pcp_pageblocks.remove(aid)
+        zone.pcp = 0
+        for aid in [a for a in self.pcp_lists if self._alloc_zone(a) is zone]:
+            self.pcp_lists.remove(aid)
             self.allocator.free(aid)
 
     # ------------------------------------------------------------------ remove
@@ -956,6 +973,6 @@ class Machine:
         nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
         kb = self.page_size // 1024
         total = sum(n.managed for n in nodes) * kb
-        free = sum(n.managed - n.used for n in nodes) * kb
+        free = sum(n.nr_free_pages for n in nodes) * kb
         return {"MemTotal": total, "MemFree": free, "MemUsed": total - free,
                 "HardwareCorrupted": len(self.poisoned) * kb}

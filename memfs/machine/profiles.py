@@ -31,6 +31,8 @@ class KernelProfile:
     # 5.13 (mm/page_alloc.c pcp_allowed_order): order-9 (pageblock) pages are kept on the
     # per-cpu lists, which NR_FREE_PAGES (MemFree) does not count
     pcp_pageblock_order: bool = True
+    # pages a newly populated zone's per-cpu lists take at once (measured, docs/conformance.md)
+    pcp_fill_pages: int = 112
 
 
 @dataclass(frozen=True)

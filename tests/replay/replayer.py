@@ -87,7 +87,8 @@ class Replayer:
         """The kernel put its own (unmovable) allocations into this block as soon as it
         was onlined into the empty Normal zone: reproduce that with an unmovable page."""
         bid = int(block[len("memory"):])
-        if not self.machine.blocks[bid].unmovable:
+        m = self.machine
+        if m.blocks[bid].unmovable <= sum(m.blocks[bid].allocs.get(a, 0) for a in m.pcp_lists):
             self.machine.alloc("unmovable", self.machine.page_size, block_id=bid)
             self.pinned.append(block)
 

@@ -72,9 +72,11 @@ def test_online_accounts_present_b_managed_b_minus_v_in_the_blocks_zone(word, zn
     online(m, bid, word)
     z = zone(m, zname)
     assert (z.present, z.managed, z.vmemmap) == (32768, 32256, 512)
-    assert memtotal(m) - total == 129024 and memfree(m) - free == 129024
+    # MemFree: the block's managed pages, less what the newly populated zone's per-cpu
+    # lists took (traces: +128,576 kB on 6.1 and 6.12 for this step)
+    assert memtotal(m) - total == 129024 and memfree(m) - free == 129024 - 448
     assert m.nodes[0].present - node_present == 32768
-    online(m, bid, "offline")
+    online(m, bid, "offline")  # the offline drains the lists
     assert (z.present, z.managed, z.vmemmap) == (0, 0, 0)
     assert memtotal(m) == total and memfree(m) == free
 
