@@ -45,13 +45,11 @@ def _size(text: str, what: str) -> int:
 
 def _load_config(a: argparse.Namespace) -> None:
     """Check the machine description before starting anything (exit 2 if it is wrong)."""
-    from .machine.config import ConfigError, load_config, parse_set_value
-    overrides = {}
-    for kv in a.set:
-        k, sep, v = kv.partition("=")
-        if not sep or not k.strip():
-            raise Fail(EXIT_USAGE, f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
-        overrides[k.strip()] = parse_set_value(v)
+    from .machine.config import ConfigError, load_config, parse_sets
+    try:
+        overrides = parse_sets(a.set)
+    except ConfigError as e:
+        raise Fail(EXIT_USAGE, str(e)) from None
     try:
         cfg = load_config(a.config, overrides=overrides, kernel=a.kernel)
     except ConfigError as e:
@@ -75,7 +73,7 @@ def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
         args += ["--state", os.path.abspath(a.state)]
     if a.control_mode is not None:
         args += ["--control-mode", f"{a.control_mode:o}"]
-    from .sandbox_cli import daemon_args  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import daemon_args  # sandbox hook (memfs/sandbox/cli.py)
     args += daemon_args(a)
     return args
 
@@ -310,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",
                     help="seconds to wait for the mount to serve (default 30)")
     sp.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
-    from .sandbox_cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(sp)
 
     sp = cmd("umount", cmd_umount, "unmount MNT and stop its daemon (also removes a dead memfs mount)")
@@ -318,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the daemon to exit (default 15)")
 
     sp = cmd("status", cmd_status, "zones, devices and a memory map of the machine at MNT")
-    sp.add_argument("--json", action="store_true", help="print the status object (keys: see README)")
+    sp.add_argument("--json", action="store_true", help="print the status object (keys: see docs/cli.md)")
 
     sp = cmd("plug", cmd_plug, "hot-add a memory device; prints its id and new blocks")
     sp.add_argument("--size", required=True, metavar="SIZE", help="e.g. 128M, 1G, 0x8000000 (block-size multiple)")
@@ -355,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to S seconds (at most 60) for an event after N")
     sp.add_argument("--json", action="store_true")
 
-    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox_cli.py)
+    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox/cli.py)
     return p
 
 
