@@ -71,10 +71,10 @@ def test_container_uevents_are_the_only_uevents_left_out():
 WITHIN_64K_AT_LEAST = 95  # of 198 deltas; 61 before the per-cpu lists were modelled
 #: residuals above 1 MiB, each a kernel event outside the model
 OUTLIERS = {
-    # the guest freed ~7.3 MiB between the dumps (page cache or a THP): not a hotplug effect
+    # MemFree rose ~7.3 MiB more than the offlined block accounts for; nothing else changed
     ("6.12", "b_memmap_off", 3), ("6.12", "g_memmap_force", 4),
-    # the Normal zone's per-cpu list already held an order-9 page: the add took one page,
-    # not a batch of two, and the later Normal offline had nothing to drain
+    # the add took one memmap page, not a batch of two (the Normal zone's per-cpu list
+    # presumably held one already), and the later Normal offline had nothing to drain
     ("6.12", "b_memmap_off", 23), ("6.12", "b_memmap_off", 27),
 }
 
