@@ -320,3 +320,25 @@ def test_memmap_from_ram_prefers_the_new_nodes_memory_then_others():
     m.plug(128 * MiB, node=1, dev_id="d")  # node 1 has no memory: falls back to node 0
     assert free0 - m.meminfo(0)["MemFree"] == 2 * 2048  # the memmap + the per-cpu batch's second page
     assert m.nodes[1].online
+
+
+def test_memmap_pages_from_ram_go_through_the_per_cpu_lists():
+    """Trace b of every kernel: the first runtime add without memmap_on_memory costs two
+    2 MiB pages (a batch of two order-9 pages, one kept on the Normal zone's per-cpu list),
+    the removal gives nothing back (the page goes onto the list), the re-add costs nothing
+    (it takes it from there), and the next offline in that zone drains the list."""
+    m = machine("6.12", memmap=False, dimms=[{"id": "dimm1", "size": "128M"}, {"id": "dimm2", "size": "128M"}])
+    online(m, 32, "online_kernel")  # cold-plugged dimm1: Normal is populated (and its lists filled)
+    online(m, 33, "online_kernel")
+    free = memfree(m)
+    m.plug(128 * MiB, dev_id="d4")
+    assert free - memfree(m) == 2 * 2048
+    assert [a.label for a in m.allocator.allocs.values() if a.label in ("memmap:d4", "pcp")] == ["memmap:d4", "pcp"]
+    m.unplug("d4")
+    assert free - memfree(m) == 2 * 2048
+    m.plug(128 * MiB, dev_id="d5")
+    assert free - memfree(m) == 2 * 2048
+    m.unplug("d5")
+    before = memfree(m)
+    online(m, 33, "offline")  # a Normal block: its zone's lists are drained
+    assert memfree(m) - before == -131072 + 2 * 2048 + 448  # two memmap pages, the 112 of the fill
