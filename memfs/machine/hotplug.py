@@ -114,6 +114,8 @@ class Machine:
         # /proc/vmstat (6.11+)
         self.nr_memmap_pages = 0
         self.nr_memmap_boot_pages = 0
+        # allocation ids of pages held on the zones' per-cpu lists (_populate_memmap, _fill_pcp)
+        self.pcp_lists: list[int] = []
         self._boot()
 
     @classmethod
@@ -417,6 +419,7 @@ class Machine:
         if self.profile.hwpoison_online and mem.hwpoison:
             raise OSError(EHWPOISON, f"{mem.name} has hwpoisoned pages")
         zone = self.zone_for_pfn_range(mem.online_type, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
+        newly_populated = not zone.populated()
         v = mem.nr_vmemmap_pages
         zone.resize_range(mem.start_pfn, mem.nr_pages)  # move_pfn_range_to_zone()
         self._adjust_present(mem, zone, mem.present_pages)
@@ -426,6 +429,8 @@ class Machine:
         mem.zone = zone
         mem.boot_zone_pages = {}
         zone.add_member(mem.id)
+        if newly_populated:  # online_pages(): the zone's per-cpu lists fill
+            self._fill_pcp(zone)
 
     def memory_block_offline(self, mem: MemoryBlock) -> None:
         lockdep_assert_held(self.lock)
@@ -437,12 +442,17 @@ class Machine:
         if mem.boot and self.cfg.arch.startswith("arm64"):
             # arm64's memory notifier vetoes offlining boot memory: NOTIFY_BAD -> EPERM
             raise OSError(errno.EPERM, f"{mem.name} is boot memory (arm64 refuses to offline it)")
-        if mem.reserved or mem.unmovable:
+        on_pcp = sum(mem.allocs.get(aid, 0) for aid in self.pcp_lists)
+        if mem.reserved or mem.unmovable > on_pcp:
             raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failure to isolate range")
         if self.cfg.offline_latency_ms:  # let `state` show going-offline, `online` readers wait
             time.sleep(self.cfg.offline_latency_ms / 1000)
         if not self.allocator.migrate_out(mem):
             raise OSError(errno.EBUSY, f"{mem.name}: no room to migrate {mem.movable} movable pages")
+        # The kernel drains the zone's per-cpu lists at every offline attempt; the model does
+        # it once the offline cannot fail any more, so that a refused write changes nothing
+        # (a failed attempt's drain is refilled by the next allocations anyway).
+        self._drain_pcp(zone)
         v = mem.nr_vmemmap_pages
         start, end = mem.extent_in(zone) or (mem.start_pfn, mem.end_pfn)
         self._adjust_present(mem, zone, -mem.present_pages)
@@ -610,8 +620,7 @@ class Machine:
                 use_altmap = True
         memmap_pages = nblocks * self.sections_per_block * self.section_memmap_pages()
         if not use_altmap:  # the memmap comes from RAM, the new node's first
-            a = self.allocator.allocate(_alloc.UNMOVABLE, memmap_pages, dev.nid, label=f"memmap:{dev.id}")
-            dev.memmap_allocs.append(a.id)
+            dev.memmap_allocs += self._populate_memmap(memmap_pages, dev.nid, f"memmap:{dev.id}")
         dev.memmap_on_memory = use_altmap
         node = self.nodes[dev.nid]
         node.online = True
@@ -735,6 +744,97 @@ class Machine:
         below = [(s, n.id) for n in self.cfg.nodes for s, _ in n.ram if s <= addr]
         return max(below)[1] if below else self.cfg.nodes[0].id
 
+    # ------------------------------------------------------------------ memmap from RAM
+    # x86-64 and arm64 map a hot-added section's memmap with one PMD-sized page, allocated
+    # from the buddy allocator (vmemmap_populate_hugepages -> vmemmap_alloc_block, order 9:
+    # 2 MiB for 128 MiB of 4 KiB pages). Since 5.13 pages of that order are kept on the
+    # per-cpu lists (mm/page_alloc.c pcp_allowed_order), which NR_FREE_PAGES, and so MemFree,
+    # does not count: an order-9 allocation refills the empty list with a batch of two
+    # (nr_pcp_alloc: max(batch >> order, 2)) and keeps the second there; a freed memmap page
+    # goes back onto the list of its zone, where the next memmap allocation finds it; the
+    # list is drained when a block of that zone goes offline (offline_pages ->
+    # zone_pcp_disable). The traces show exactly that: a first runtime add without
+    # memmap_on_memory costs 4 MiB, removing it gives nothing back, adding the same range
+    # again costs nothing, and offlining a Normal block afterwards frees 2 MiB.
+    def _pcp_pageblock_pages(self) -> int:
+        """Pages of one memmap page that the per-cpu lists cache (0: not modelled here)."""
+        chunk = self.arch.pmd_size >> self.page_shift
+        if self.profile.pcp_pageblock_order and self.section_memmap_pages() == chunk == self.arch.pageblock_pages:
+            return chunk
+        return 0
+
+    def _alloc_zone(self, aid: int) -> Zone:
+        """The zone of an allocation's first page."""
+        a = self.allocator.allocs[aid]
+        if a.zone_pieces:
+            (bid, zidx), _ = min(a.zone_pieces.items())
+            return self.nodes[self.blocks[bid].nid].zones[zidx]
+        blk = self.blocks[min(a.pieces)]
+        assert blk.zone is not None
+        return blk.zone
+
+    def _populate_memmap(self, pages: int, nid: int, label: str) -> list[int]:
+        """The memmap of an added range, from RAM: allocation ids (ENOMEM: nothing taken)."""
+        chunk = self._pcp_pageblock_pages()
+        if not chunk:
+            return [self.allocator.allocate(_alloc.UNMOVABLE, pages, nid, label=label).id]
+        taken: list[int] = []
+        reused: list[int] = []
+        try:
+            for _ in range(pages // chunk):
+                first = next(self.allocator.candidates(_alloc.UNMOVABLE, nid), None)
+                zone = first[1] if first is not None else None
+                cached = [aid for aid in self.pcp_lists if self._alloc_zone(aid) is zone
+                          and self.allocator.allocs[aid].pages == chunk]
+                if cached:  # the preferred zone's per-cpu list has one
+                    aid = cached[-1]
+                    self.pcp_lists.remove(aid)
+                    self.allocator.allocs[aid].label = label
+                    reused.append(aid)
+                    taken.append(aid)
+                    continue
+                taken.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=label).id)
+                try:  # the batch's second page stays on the list, if there is one to take
+                    self.pcp_lists.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=_alloc.PCP).id)
+                except OSError:
+                    pass
+        except OSError:
+            for aid in taken:
+                if aid in reused:
+                    self.allocator.allocs[aid].label = _alloc.PCP
+                    self.pcp_lists.append(aid)
+                else:
+                    self.allocator.free(aid)
+            raise
+        return taken
+
+    def _free_memmap(self, aid: int) -> None:
+        """vmemmap_free(): a memmap page goes back to its zone's per-cpu list."""
+        if self._pcp_pageblock_pages() and self.allocator.allocs[aid].pages == self._pcp_pageblock_pages():
+            self.allocator.allocs[aid].label = _alloc.PCP
+            self.pcp_lists.append(aid)
+        else:
+            self.allocator.free(aid)
+
+    def _fill_pcp(self, zone: Zone) -> None:
+        """A newly populated zone's per-cpu lists fill with its first allocations
+        (rmqueue_bulk refills an empty list with a batch, up to pcp->high): free pages that
+        leave NR_FREE_PAGES until an offline drains them. How many is emergent (what the
+        kernel allocates right then); the profile holds the traces' median."""
+        zone.pcp = min(self.profile.pcp_fill_pages, zone.free)
+
+    def pcp_count(self, zone: Zone) -> int:
+        """Pages on the zone's per-cpu lists (zoneinfo's pagesets count)."""
+        return min(zone.pcp, zone.free) + sum(self.allocator.allocs[a].pages for a in self.pcp_lists
+                                               if self._alloc_zone(a) is zone)
+
+    def _drain_pcp(self, zone: Zone) -> None:
+        """zone_pcp_disable() at offline: the zone's per-cpu pages go back to the buddy allocator."""
+        zone.pcp = 0
+        for aid in [a for a in self.pcp_lists if self._alloc_zone(a) is zone]:
+            self.pcp_lists.remove(aid)
+            self.allocator.free(aid)
+
     # ------------------------------------------------------------------ remove
     def remove_memory(self, dev: HotplugDevice) -> None:
         """try_remove_memory(): every block must be offline; then blocks and memmap go."""
@@ -759,7 +859,7 @@ class Machine:
             del self.blocks[mem.id]
             self.events.emit("remove", mem.devpath)
         for aid in dev.memmap_allocs:
-            self.allocator.free(aid)
+            self._free_memmap(aid)
         self.nr_memmap_pages -= len(blocks) * self.sections_per_block * self.section_memmap_pages()
         del self.devices[dev.id]
         if dev.slot is not None:
@@ -917,6 +1017,6 @@ class Machine:
         nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
         kb = self.page_size // 1024
         total = sum(n.managed for n in nodes) * kb
-        free = sum(n.managed - n.used for n in nodes) * kb
+        free = sum(n.nr_free_pages for n in nodes) * kb
         return {"MemTotal": total, "MemFree": free, "MemUsed": total - free,
                 "HardwareCorrupted": len(self.poisoned) * kb}

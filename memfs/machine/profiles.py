@@ -31,6 +31,8 @@ class KernelProfile:
     # 5.13 (mm/page_alloc.c pcp_allowed_order): order-9 (pageblock) pages are kept on the
     # per-cpu lists, which NR_FREE_PAGES (MemFree) does not count
     pcp_pageblock_order: bool = True
+    # pages a newly populated zone's per-cpu lists take at once (measured, docs/conformance.md)
+    pcp_fill_pages: int = 112
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def _p(name: str, **kw: object) -> KernelProfile:
 
 PROFILES: dict[str, KernelProfile] = {
     "5.12": _p("5.12", memmap_on_memory=False, online_policy=False, cached_zone=False,
-               hwpoison_online=False),
+               hwpoison_online=False, pcp_pageblock_order=False),
     "5.13": _p("5.13", online_policy=False, cached_zone=False, hwpoison_online=False),
     "5.15": _p("5.15", cached_zone=False, hwpoison_online=False),
     # EHWPOISON on online needs the per-memory_block hwpoison counter (mm/memory-failure.c,
