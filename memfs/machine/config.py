@@ -79,6 +79,7 @@ class DimmConfig:
     node: int = 0
     addr: int | None = None
     driver: str = "acpi"
+    requested: int = 0  # virtio-mem: the size plugged at boot (size is the device region)
 
 
 @dataclass
@@ -111,7 +112,7 @@ _TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "
 _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
 _NODE_KEYS = {"id", "ram", "reserved", "used", "cpus"}
-_DIMM_KEYS = {"id", "size", "node", "addr", "driver"}
+_DIMM_KEYS = {"id", "size", "node", "addr", "driver", "requested"}
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -272,6 +273,11 @@ def _dimm(t: dict, i: int) -> DimmConfig:
     d.driver = str(t.get("driver", "acpi"))
     if d.driver not in DRIVERS:
         raise ConfigError(f"{where}driver: one of {', '.join(DRIVERS)}")
+    if "requested" in t:
+        if d.driver != "virtio_mem":
+            raise ConfigError(f"{where}requested: only a virtio-mem device (driver = \"virtio_mem\") has a "
+                              f"requested size; other devices are plugged whole")
+        d.requested = parse_size(t["requested"], where + "requested")
     return d
 
 
@@ -328,6 +334,9 @@ def validate(cfg: MachineConfig) -> None:
             spans.append((d.addr, d.addr + d.size, where))
         if d.node not in ids:
             raise ConfigError(f"{where}: node {d.node} is not a configured [[node]]; add one (ram may be empty)")
+        if d.requested > d.size or d.requested % bs:
+            raise ConfigError(f"{where}: requested {d.requested:#x} must be a multiple of the block size {bs:#x} "
+                              f"no larger than size {d.size:#x} (the virtio-mem region)")
     if len([d for d in cfg.dimms if d.driver == "acpi"]) > cfg.slots:
         raise ConfigError(f"hotplug.slots: {cfg.slots} slots cannot hold the {len(cfg.dimms)} ACPI DIMMs")
     spans.sort()

@@ -10,14 +10,16 @@ import errno
 import posixpath
 from dataclasses import dataclass, field
 
-from memfs.machine.config import load_config
+from memfs.machine.config import DimmConfig, load_config
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.kernfs import Attr, Link, Tree
 from memfs.sysfs.tree import build_tree
 
-from .traces import Dump, HostAdd, HostDel, Trace, Write
+from .traces import Dump, HostAdd, HostDel, HostResize, Trace, Write
 
 ZONES = ("DMA", "DMA32", "Normal", "Movable")
+#: the uevents memfs models; the traces also hold module, bus, driver, virtio and pci ones
+UEVENT_SUBSYSTEMS = ("memory", "container")
 
 
 def machine_for(trace: Trace) -> Machine:
@@ -26,7 +28,9 @@ def machine_for(trace: Trace) -> Machine:
     overrides = {"boot.memmap_on_memory": h.memmap_on_memory,
                  "boot.memhp_default_state": h.memhp_default_state or "offline"}
     cfg = load_config(None, overrides=overrides, kernel=h.kernel_version)
-    cfg.dimms = [type(cfg.dimms[0])(id=i, size=s) for i, s in trace.cold_dimms] if cfg.dimms else []
+    cfg.dimms = [DimmConfig(id=i, size=s) for i, s in trace.cold_dimms]
+    cfg.dimms += [DimmConfig(id=v.id, size=v.size, node=v.node or 0, driver="virtio_mem", requested=v.requested)
+                  for v in trace.cold_virtio_mem]
     return Machine(cfg)
 
 
@@ -101,6 +105,8 @@ class Replayer:
             self.machine.plug(step.size, node=step.node or 0, dev_id=step.dimm_id)
         elif isinstance(step, HostDel):
             self.machine.unplug(step.dimm_id)
+        elif isinstance(step, HostResize):
+            self.machine.resize(step.device, step.requested)
         return []
 
     # -------------------------------------------------------------- comparison
@@ -168,11 +174,12 @@ class Replayer:
         mine = self.machine.events.since(self.seq0)
         self.seq0 = self.machine.events.seqnum
         got = [(e.action, e.devpath) for e in mine]
-        want = [(u["ACTION"], u["DEVPATH"]) for u in dump.uevents]
+        kernel = [u for u in dump.uevents if u.get("SUBSYSTEM") in UEVENT_SUBSYSTEMS]
+        want = [(u["ACTION"], u["DEVPATH"]) for u in kernel]
         if got != want:
             return [f"uevents: kernel {want}, memfs {got}"]
-        if dump.uevents:
-            k = [u["SEQNUM"] - dump.uevents[0]["SEQNUM"] for u in dump.uevents]
+        if kernel:
+            k = [u["SEQNUM"] - kernel[0]["SEQNUM"] for u in kernel]
             g = [e.seqnum - mine[0].seqnum for e in mine]
             if k != g:
                 return [f"uevent SEQNUM steps: kernel {k}, memfs {g}"]
