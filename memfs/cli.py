@@ -45,13 +45,11 @@ def _size(text: str, what: str) -> int:
 
 def _load_config(a: argparse.Namespace) -> None:
     """Check the machine description before starting anything (exit 2 if it is wrong)."""
-    from .machine.config import ConfigError, load_config, parse_set_value
-    overrides = {}
-    for kv in a.set:
-        k, sep, v = kv.partition("=")
-        if not sep or not k.strip():
-            raise Fail(EXIT_USAGE, f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
-        overrides[k.strip()] = parse_set_value(v)
+    from .machine.config import ConfigError, load_config, parse_sets
+    try:
+        overrides = parse_sets(a.set)
+    except ConfigError as e:
+        raise Fail(EXIT_USAGE, str(e)) from None
     try:
         load_config(a.config, overrides=overrides, kernel=a.kernel)
     except ConfigError as e:
@@ -314,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the daemon to exit (default 15)")
 
     sp = cmd("status", cmd_status, "zones, devices and a memory map of the machine at MNT")
-    sp.add_argument("--json", action="store_true", help="print the status object (keys: see README)")
+    sp.add_argument("--json", action="store_true", help="print the status object (keys: see docs/cli.md)")
 
     sp = cmd("plug", cmd_plug, "hot-add a memory device; prints its id and new blocks")
     sp.add_argument("--size", required=True, metavar="SIZE", help="e.g. 128M, 1G, 0x8000000 (block-size multiple)")

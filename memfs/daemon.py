@@ -199,7 +199,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         ready_fd: int | None = None, debug: bool = False, sandbox: str = "auto",
         uevent_helper: str | None = None) -> int:
     """Serve one machine at ``mnt`` until unmounted; returns the exit code."""
-    from .machine.config import ConfigError, load_config, parse_set_value
+    from .machine.config import ConfigError, load_config, parse_sets
 
     ready = Readiness(ready_fd)
     mnt = os.path.realpath(mnt)
@@ -208,13 +208,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
     state_file: Any = None  # memfs.persist.StateFile with --state
     try:
         try:
-            overrides = {}
-            for kv in sets or []:
-                k, sep, v = kv.partition("=")
-                if not sep or not k:
-                    raise ConfigError(f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
-                overrides[k.strip()] = parse_set_value(v)
-            cfg = load_config(config, overrides=overrides, kernel=kernel)
+            cfg = load_config(config, overrides=parse_sets(sets or []), kernel=kernel)
         except (ConfigError, OSError) as e:
             msg = str(e) if isinstance(e, ConfigError) else f"cannot read {config}: {e.strerror}"
             ready.error(2, msg)

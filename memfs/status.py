@@ -1,7 +1,7 @@
 """`memfs status`: a JSON snapshot of a Machine, and its text rendering.
 
 `snapshot(machine)` is what the control channel's ``status`` op returns (and what
-``memfs status --json`` prints); README "memfs status --json" documents its keys.
+``memfs status --json`` prints); docs/cli.md documents its keys.
 `render_text(snapshot)` only reads that dict, so the CLI can render a reply from a
 daemon without the model.
 """

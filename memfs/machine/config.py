@@ -1,6 +1,6 @@
 """Machine description: a TOML file (or the embedded default) turned into typed config.
 
-The keys are a contract other tools rely on (README "Machine description"). Anything
+The keys are a contract other tools rely on (docs/machine.md). Anything
 unknown or inconsistent is refused at load with a message naming the key and the fix.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .profiles import ARCHES, DEFAULT_ARCH, DEFAULT_KERNEL, PROFILES, GiB, MiB
 
@@ -160,6 +160,17 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
         if not isinstance(d, dict):
             raise ConfigError(f"--set {dotted}: {p} is not a table")
     d[parts[-1]] = value
+
+
+def parse_sets(sets: Iterable[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments (of ``memfs mount`` and the daemon) -> overrides."""
+    overrides: dict[str, Any] = {}
+    for kv in sets:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip():
+            raise ConfigError(f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
+        overrides[k.strip()] = parse_set_value(v)
+    return overrides
 
 
 def parse_set_value(text: str) -> Any:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
-from collections import deque
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -25,6 +25,7 @@ from .blocks import (
 )
 from .config import MachineConfig, load_config
 from .events import EventLog
+from .lockdep import lockdep_assert_held
 from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, make_zones
 
 EHWPOISON = 133  # not in Python's errno module on every platform
@@ -33,7 +34,10 @@ EHWPOISON = 133  # not in Python's errno module on every platform
 _MAX_PHYSMEM_BITS = {"x86_64": 46}
 
 
-Journal = Callable[[str, tuple, dict, "int | None"], None]
+# The journal callback: (operation, args, kwargs, outcome). The outcome is None for
+# success, the errno of an OSError (what the caller was answered), or any other
+# exception escaping the operation (a model bug, which a replay must raise again).
+Journal = Callable[[str, tuple, dict, "int | BaseException | None"], None]
 
 
 def journaled(fn):
@@ -49,21 +53,24 @@ def journaled(fn):
     def wrapper(self: "Machine", *args: Any, **kw: Any) -> Any:
         with self.lock:
             self._depth += 1
-            err: int | None = None
+            outcome: int | BaseException | None = None
             try:
                 return fn(self, *args, **kw)
             except OSError as e:
-                err = e.errno
+                outcome = e.errno
+                raise
+            except BaseException as e:
+                outcome = e
                 raise
             finally:
                 self._depth -= 1
                 if self._depth == 0 and self.journal is not None:
-                    self.journal(name, args, kw, err)
+                    self.journal(name, args, kw, outcome)
     return wrapper
 
 
 @dataclass
-class Ost:
+class AcpiOstReport:
     """An ACPI _OST report, as QEMU shows it in ACPI_DEVICE_OST events."""
     device: str
     source: int
@@ -94,7 +101,7 @@ class Machine:
         self.groups: dict[int, MemoryGroup] = {}
         self._next_group = 0
         self.allocator = Allocator(self)
-        self.ost_log: deque[Ost] = deque(maxlen=10_000)  # recent ACPI _OST reports
+        self.ost_log: deque[AcpiOstReport] = deque(maxlen=10_000)  # recent ACPI _OST reports
         self.poisoned: set[int] = set()
         # module parameters and sysfs knobs
         b = cfg.boot
@@ -247,6 +254,7 @@ class Machine:
 
     # ------------------------------------------------------------------ zones
     def default_kernel_zone_for_pfn(self, nid: int, start_pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         node = self.nodes[nid]
         for zone in node.zones:
             if zone.name == ZONE_NORMAL:
@@ -256,6 +264,7 @@ class Machine:
         raise AssertionError("no ZONE_NORMAL")
 
     def default_zone_for_pfn(self, nid: int, start_pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         kernel_zone = self.default_kernel_zone_for_pfn(nid, start_pfn, nr_pages)
         movable_zone = self.nodes[nid].zone(ZONE_MOVABLE)
         in_kernel = kernel_zone.intersects(start_pfn, nr_pages)
@@ -264,7 +273,22 @@ class Machine:
             return kernel_zone if in_kernel else movable_zone
         return movable_zone if self.movable_node else kernel_zone
 
-    def _auto_movable_can_online_movable(self, nid: int | None, group: MemoryGroup | None, nr_pages: int) -> bool:
+    def auto_movable_can_online_movable(self, nid: int | None, group: MemoryGroup | None, nr_pages: int) -> bool:
+        """mm/memory_hotplug.c auto_movable_can_online_movable() (5.15+, online_policy=auto-movable).
+
+        Why: ZONE_MOVABLE can hold only movable pages, while every page, wherever it is,
+        needs kernel memory (memmap, page tables, slab). Too much MOVABLE for the KERNEL
+        memory behind it and the machine runs out of unmovable memory (OOM with plenty
+        "free"). So onlining nr_pages to MOVABLE is allowed only while MOVABLE stays within
+        ``auto_movable_ratio`` percent of the *early* kernel memory: boot memory, which cannot
+        go away. Hot-added kernel memory does not count, since it may be unplugged again;
+        except inside a dynamic memory group (a virtio-mem device), whose own kernel memory
+        backs its own movable memory, because the two are plugged and unplugged together.
+        ``nid`` None checks the whole machine, a node id that node alone.
+        """
+        lockdep_assert_held(self.lock)
+        # auto_movable_stats_account_zone(): CMA pages (never on hot-added memory) behave
+        # like ZONE_MOVABLE, so they move from the kernel side to the movable side.
         kernel_early = movable = 0
         nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
         for node in nodes:
@@ -276,6 +300,9 @@ class Machine:
                 else:
                     kernel_early += zone.present_early - zone.cma
                     movable += zone.cma
+        # auto_movable_stats_account_group() over the other dynamic groups: the early
+        # kernel pages each group needs for its own movable pages (beyond the kernel pages
+        # it has itself) are taken, and its movable pages are left out: they are paid for.
         ratio = self.auto_movable_ratio
         req_kernel = group_movable = 0
         for g in self.groups.values():  # walk_dynamic_memory_groups, skipping `group`
@@ -289,12 +316,15 @@ class Machine:
             return False
         kernel_early -= req_kernel
         movable -= group_movable
+        # Kernel memory inside the group being onlined to allows more MOVABLE in that group.
         if group is not None and group.is_dynamic:
             kernel_early += group.present_kernel_pages
+        # Could nr_pages go to ZONE_MOVABLE and the ratio still hold?
         movable += nr_pages
         return movable <= ratio * kernel_early // 100
 
     def auto_movable_zone_for_pfn(self, nid: int, group: MemoryGroup | None, pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         if not self.auto_movable_ratio:
             return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
         online_pages = 0
@@ -317,14 +347,15 @@ class Machine:
                     return self.default_kernel_zone_for_pfn(nid, unit_start, nr_pages)
                 online_pages += b.nr_pages
         remaining = max_pages - online_pages
-        if not self._auto_movable_can_online_movable(None, group, remaining):
+        if not self.auto_movable_can_online_movable(None, group, remaining):
             return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
-        if self.auto_movable_numa_aware and not self._auto_movable_can_online_movable(nid, group, remaining):
+        if self.auto_movable_numa_aware and not self.auto_movable_can_online_movable(nid, group, remaining):
             return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
         return self.nodes[nid].zone(ZONE_MOVABLE)
 
     def zone_for_pfn_range(self, online_type: int, nid: int, group: MemoryGroup | None,
                            start_pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         if online_type == MMOP_ONLINE_KERNEL:
             return self.default_kernel_zone_for_pfn(nid, start_pfn, nr_pages)
         if online_type == MMOP_ONLINE_MOVABLE:
@@ -335,6 +366,7 @@ class Machine:
 
     def valid_zones(self, mem: MemoryBlock) -> str:
         """valid_zones_show(), without the trailing newline."""
+        lockdep_assert_held(self.lock)
         if mem.state == MEM_ONLINE:
             if mem.zone is None:
                 return "none"
@@ -349,6 +381,7 @@ class Machine:
 
     def _shrink_zone_span(self, zone: Zone, start_pfn: int, end_pfn: int, bid: int) -> None:
         """shrink_zone_span(): only an edge moves, to the nearest online pfn of the zone."""
+        lockdep_assert_held(self.lock)
         members = zone.members
         if zone.start_pfn == start_pfn:
             i = bisect.bisect_right(members, bid)
@@ -369,6 +402,7 @@ class Machine:
     # ------------------------------------------------------------------ online / offline
     def _adjust_present(self, mem: MemoryBlock, zone: Zone, pages: int) -> None:
         """adjust_present_page_count() (+ the present part of online_pages/offline_pages)."""
+        lockdep_assert_held(self.lock)
         zone.present += pages
         if mem.boot:
             zone.present_early += pages
@@ -380,6 +414,7 @@ class Machine:
                 g.present_kernel_pages += pages
 
     def memory_block_online(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         if self.profile.hwpoison_online and mem.hwpoison:
             raise OSError(EHWPOISON, f"{mem.name} has hwpoisoned pages")
         zone = self.zone_for_pfn_range(mem.online_type, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
@@ -394,6 +429,7 @@ class Machine:
         zone.add_member(mem.id)
 
     def memory_block_offline(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         zone = mem.zone
         if zone is None:
             raise OSError(errno.EINVAL, f"{mem.name} spans multiple zones")
@@ -436,6 +472,7 @@ class Machine:
         self._changed()
 
     def memory_subsys_online(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         if mem.state == MEM_ONLINE:
             return
         if mem.online_type == MMOP_OFFLINE:  # device_online() without a type: MMOP_ONLINE
@@ -446,12 +483,14 @@ class Machine:
             mem.online_type = MMOP_OFFLINE
 
     def memory_subsys_offline(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         if mem.state == MEM_OFFLINE:
             return
         self.memory_block_change_state(mem, MEM_OFFLINE, MEM_ONLINE)
 
     def device_online(self, mem: MemoryBlock) -> int:
         """drivers/base/core.c device_online(): 1 if already online, 0 on success, raises on error."""
+        lockdep_assert_held(self.lock)
         if not mem.dev_offline:
             return 1
         self.memory_subsys_online(mem)
@@ -461,6 +500,7 @@ class Machine:
         return 0
 
     def device_offline(self, mem: MemoryBlock) -> int:
+        lockdep_assert_held(self.lock)
         if mem.dev_offline:
             return 1
         self.memory_subsys_offline(mem)
@@ -561,6 +601,7 @@ class Machine:
 
         [start, start + size) defaults to the whole device; virtio-mem adds one block of its
         region at a time (add_memory_driver_managed() per memory block)."""
+        lockdep_assert_held(self.lock)
         start = dev.start if start is None else start
         size = dev.size if size is None else size
         if start == dev.start and size == dev.size:
@@ -617,6 +658,7 @@ class Machine:
                 self._auto_online(mem)
 
     def _auto_online(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         mem.online_type = ONLINE_TYPE_NAMES.index(self.auto_online_blocks)
         try:
             self.device_online(mem)
@@ -624,6 +666,7 @@ class Machine:
             pass  # auto-online failures are ignored; the block stays offline
 
     def _new_group(self, nid: int, dynamic: bool, pages: int) -> MemoryGroup | None:
+        lockdep_assert_held(self.lock)
         if not self.profile.online_policy:
             return None
         g = MemoryGroup(self._next_group, nid, dynamic, max_pages=0 if dynamic else pages,
@@ -685,7 +728,7 @@ class Machine:
                 raise
             if slot is not None:
                 self.slots[slot] = dev
-                self.ost_log.append(Ost(dev_id, 1, 0))
+                self.ost_log.append(AcpiOstReport(dev_id, 1, 0))
             return dev
 
     # ------------------------------------------------------------------ virtio-mem
@@ -764,6 +807,7 @@ class Machine:
 
     def virtio_mem_run_wq(self, dev: HotplugDevice) -> None:
         """virtio_mem_run_wq(): plug or unplug the difference between requested and plugged."""
+        lockdep_assert_held(self.lock)
         if dev.wq_active:  # virtio_mem_retry() while the work runs: this run sees the change
             return
         dev.wq_active = True
@@ -848,6 +892,7 @@ class Machine:
     # ------------------------------------------------------------------ remove
     def remove_memory(self, dev: HotplugDevice) -> None:
         """try_remove_memory(): every block must be offline; then blocks and memmap go."""
+        lockdep_assert_held(self.lock)
         blocks = [self.blocks[b] for b in dev.block_ids]
         for mem in blocks:
             if mem.state != MEM_OFFLINE:
@@ -869,6 +914,7 @@ class Machine:
 
     def _remove_blocks(self, dev: HotplugDevice, blocks: list[MemoryBlock]) -> None:
         """arch_remove_memory() of offline blocks: their devices, node links and memmap go."""
+        lockdep_assert_held(self.lock)
         node = self.nodes[dev.nid]
         for mem in blocks:
             if mem.hwpoison:  # the memmap goes, and its PG_hwpoison pages leave num_poisoned_pages
@@ -899,7 +945,7 @@ class Machine:
             dev = self.device(dev_id)
             if dev.slot is None:
                 raise OSError(errno.ENODEV, f"{dev_id} is not an ACPI memory device")
-            self.ost_log.append(Ost(dev_id, source, 0x84))
+            self.ost_log.append(AcpiOstReport(dev_id, source, 0x84))
             blocks = [self.blocks[b] for b in dev.block_ids]
             offlined: list[MemoryBlock] = []
             failed: MemoryBlock | None = None
@@ -918,10 +964,10 @@ class Machine:
             if failed is not None:
                 for mem in offlined:
                     self.device_online(mem)  # acpi_bus_online(): MMOP_ONLINE, the default zone
-                self.ost_log.append(Ost(dev_id, source, 0x82))
+                self.ost_log.append(AcpiOstReport(dev_id, source, 0x82))
                 raise OSError(errno.EBUSY, f"{failed.name}: Offline failed.")
             self.remove_memory(dev)
-            self.ost_log.append(Ost(dev_id, source, 0))
+            self.ost_log.append(AcpiOstReport(dev_id, source, 0))
 
     @journaled
     def offline_and_remove_memory(self, dev_id: str) -> None:

@@ -2,7 +2,8 @@
 
 Each behaviour that changed between kernel releases is a field here, so the model
 asks ``profile.memmap_split_per_block`` instead of comparing version strings.
-Version attribution follows ../shared/spec/kernel-semantics.md section 0.3.
+Each field names the release that changed the behaviour and the kernel code behind it;
+docs/machine.md has the table.
 The kstrtobool alphabet follows the profile name (memfs.sysfs.parse.kstrtobool_alphabet_for).
 """
 from __future__ import annotations
@@ -41,8 +42,8 @@ PROFILES: dict[str, KernelProfile] = {
                hwpoison_online=False),
     "5.13": _p("5.13", online_policy=False, cached_zone=False, hwpoison_online=False),
     "5.15": _p("5.15", cached_zone=False, hwpoison_online=False),
-    # The spec puts EHWPOISON at 6.1; the per-memory_block counter behind it was posted
-    # (v6) in late September 2022 and merged for 6.2, so Debian's 6.1 onlines such blocks.
+    # EHWPOISON on online needs the per-memory_block hwpoison counter (mm/memory-failure.c,
+    # drivers/base/memory.c memory_block_online()); it was merged for 6.2, so 6.1 onlines such blocks.
     "6.1": _p("6.1", hwpoison_online=False),
     "6.6": _p("6.6", memmap_force=True, acpi_always_requests=True, crash_hotplug=True),
     "6.8": _p("6.8", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,

@@ -1,6 +1,6 @@
 """Machine description: sizes, ranges, the embedded default, block_size "auto", refusals.
 
-The block-size rules are arch/x86/mm/init_64.c probe_memory_block_size() (spec section 8);
+The block-size rules are arch/x86/mm/init_64.c probe_memory_block_size();
 the default machine's numbers are those of the reference trace (Debian 6.1, QEMU -m 1G).
 """
 from __future__ import annotations
