@@ -29,6 +29,10 @@ from .lockdep import lockdep_assert_held
 from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, make_zones
 
 EHWPOISON = 133  # not in Python's errno module on every platform
+#: QEMU's memory hotplug container (\_SB.MHPC, PNP0A06) as drivers/acpi/container.c registers it
+ACPI_CONTAINER_DEVPATH = "/devices/system/container/PNP0A06:04"
+#: nodeN/memory_failure/ files, in memory_failure_attr[] order
+MF_STATS = ("total", "ignored", "failed", "delayed", "recovered")
 
 # x86_64 4-level paging: MAX_PHYSMEM_BITS 46; arm64: 48 (52 with LPA, not modelled)
 _MAX_PHYSMEM_BITS = {"x86_64": 46}
@@ -114,6 +118,11 @@ class Machine:
         # /proc/vmstat (6.11+)
         self.nr_memmap_pages = 0
         self.nr_memmap_boot_pages = 0
+        self.booted = False
+        # NODE_DATA(nid)->mf_stats (mm/memory-failure.c update_per_node_mf_stats(), 2023+):
+        # the raw pages memory_failure() handled on each node, by outcome
+        self.mf_stats: dict[int, dict[str, int]] = {
+            n.id: dict.fromkeys(MF_STATS, 0) for n in cfg.nodes}
         self._boot()
 
     @classmethod
@@ -177,6 +186,7 @@ class Machine:
         for d in self.cfg.dimms:
             self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver,
                       requested=d.requested if d.driver == "virtio_mem" else None)
+        self.booted = True  # from here on, plugs are runtime hot-adds
         self.generation = 0
 
     def _all_zones(self) -> Iterable[Zone]:
@@ -729,6 +739,10 @@ class Machine:
             if slot is not None:
                 self.slots[slot] = dev
                 self.ost_log.append(AcpiOstReport(dev_id, 1, 0))
+                if self.booted and self.profile.acpi_container_online:
+                    # the Device Check rescan reaches the memory devices' container after
+                    # the new blocks were added (and auto-onlined): KOBJ_ONLINE for it
+                    self.events.emit("online", ACPI_CONTAINER_DEVPATH, subsystem="container")
             return dev
 
     # ------------------------------------------------------------------ virtio-mem
@@ -1071,6 +1085,11 @@ class Machine:
             if mem.zone is None:
                 mem.zone_used[zone.idx] = mem.zone_used.get(zone.idx, 0) + 1
             zone.used += 1
+            if not soft:  # a free page taken off the buddy: action_result(MF_MSG_BUDDY, MF_RECOVERED);
+                # soft_offline_page() never calls action_result(), so it counts nowhere
+                stats = self.mf_stats[zone.nid]
+                stats["total"] += 1
+                stats["recovered"] += 1
             self._changed()
 
     # ------------------------------------------------------------------ accounting views

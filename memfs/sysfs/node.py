@@ -1,8 +1,8 @@
 """/sys/devices/system/node: node masks, nodeN/meminfo and nodeN/memoryM links."""
 from __future__ import annotations
 
-from ..machine.hotplug import Machine
-from .kernfs import DynDir, Link, Node, attr_ro
+from ..machine.hotplug import MF_STATS, Machine
+from .kernfs import Dir, DynDir, Link, Node, attr_ro
 from .parse import bitmap_list
 from .procfs import node_meminfo
 
@@ -19,6 +19,8 @@ def node_dir(m: Machine, nid: int) -> DynDir:
         "cpulist": attr_ro(lambda: "0\n" if node.cpus and nid == min(m.nodes) else "\n"),
         "subsystem": Link("../../../../bus/node"),
     }
+    if m.profile.mf_stats:
+        fixed["memory_failure"] = memory_failure_dir(m, nid)
 
     def lookup(name: str) -> Node | None:
         hit = fixed.get(name)
@@ -30,6 +32,11 @@ def node_dir(m: Machine, nid: int) -> DynDir:
         return None
 
     return DynDir(lambda: sorted(fixed) + [f"memory{b}" for b in sorted(node.blocks)], lookup)
+
+
+def memory_failure_dir(m: Machine, nid: int) -> Dir:
+    """nodeN/memory_failure/: mm/memory-failure.c MF_ATTR_RO(), "%lu\n" of NODE_DATA(nid)->mf_stats."""
+    return Dir({name: attr_ro(lambda name=name: f"{m.mf_stats[nid][name]}\n") for name in MF_STATS})
 
 
 def node_root(m: Machine) -> DynDir:

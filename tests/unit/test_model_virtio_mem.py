@@ -198,3 +198,39 @@ def test_resize_is_journaled_and_replays():
     fresh = vm_machine()
     assert fresh.replay(log) == 0
     assert fresh.devices["vm0"].block_ids == m.devices["vm0"].block_ids == [32]
+
+
+# ---------------------------------------------------------------- the two 6.12+ details of the same traces
+def test_acpi_hot_add_onlines_the_container_from_6_8_on():
+    """6.12/7.2 traces: `add` of the block, then ACTION=online for PNP0A06:04 (SUBSYSTEM=container);
+    6.1: no container event. Cold-plugged DIMMs (at boot) are not hot-adds."""
+    for kernel, want in (("6.1", [("add", "memory32", "memory")]),
+                         ("6.12", [("add", "memory32", "memory"), ("online", "PNP0A06:04", "container")])):
+        m = machine(kernel)
+        seq = m.events.seqnum
+        m.plug(128 * MiB, dev_id="dimm4")
+        got = [(e.action, e.devpath.rsplit("/", 1)[1], e.subsystem) for e in m.events.since(seq)]
+        assert got == want, kernel
+    ev = m.events.since(seq)[-1]
+    assert ev.devpath == "/devices/system/container/PNP0A06:04"
+    m = machine("6.12", **{"boot.memhp_default_state": "online"})
+    seq = m.events.seqnum
+    m.plug(128 * MiB, dev_id="dimm4")  # auto-online happens inside the memory device's attach
+    assert [e.action for e in m.events.since(seq)] == ["add", "online", "online"]
+    assert m.events.since(seq)[-1].subsystem == "container"
+
+
+def test_memory_failure_stats_per_node_from_6_6_on():
+    m = machine("6.12", **{"boot.memhp_default_state": "online_movable"})
+    m.plug(128 * MiB, dev_id="d")
+    tree = build_tree(m)
+    base = "/sys/devices/system/node/node0/memory_failure"
+    assert sorted(tree.resolve(base).names()) == ["delayed", "failed", "ignored", "recovered", "total"]
+    assert tree.resolve(f"{base}/total").show() == "0\n"
+    m.memory_failure(4 * GiB + 4096, soft=False)
+    m.memory_failure(4 * GiB + 8192, soft=True)  # soft offline: no action_result(), not counted
+    assert [tree.resolve(f"{base}/{f}").show() for f in ("total", "ignored", "failed", "delayed", "recovered")] \
+        == ["1\n", "0\n", "0\n", "0\n", "1\n"]
+    with pytest.raises(OSError) as ei:
+        build_tree(machine("6.1")).resolve(base)
+    assert ei.value.errno == errno.ENOENT
