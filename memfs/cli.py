@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from . import __version__, control
+from .status import human_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_NOT_MOUNTED = 0, 1, 2, 3, 4
 DRIVERS = ("acpi", "probe", "dax_kmem", "virtio_mem")
@@ -235,6 +236,34 @@ def cmd_unplug(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _resized(r: dict) -> str:
+    d = r["device"]
+    line = (f"{d['id']}: requested {human_size(d['requested'])}, plugged {human_size(d['plugged'])}: "
+            + (" ".join(f"memory{b['id']} ({b['state']})" for b in r["blocks"]) or "no blocks"))
+    if d["plugged"] < d["requested"]:
+        line += ("\nthe driver adds more once blocks are onlined (it keeps at most 1 GiB it added offline): "
+                 "online them, e.g. echo online_movable > MNT/sys/devices/system/memory/memoryN/state")
+    return line
+
+
+def cmd_resize(a: argparse.Namespace) -> int:
+    size = _size(a.size, "SIZE")
+    try:
+        r = _call(a, "resize", timeout=UNPLUG_TIMEOUT, id=a.id, size=size)
+    except control.ControlError as e:
+        if e.errno == errno.EBUSY:
+            raise Fail(EXIT_BUSY, f"cannot shrink {a.id} to {a.size}: {e.message}. The blocks that are left "
+                                  f"hold unmovable pages or their movable pages have nowhere to go: free them "
+                                  f"(memfs status lists allocations; memfs free MNT ID) and run the resize again") \
+                from None
+        raise
+    if a.json:
+        print(json.dumps({"device": r["device"], "blocks": r["blocks"]}, indent=2))
+    else:
+        print(_resized(r))
+    return EXIT_OK
+
+
 def cmd_alloc(a: argparse.Namespace) -> int:
     size = _size(a.size, "SIZE")
     r = _call(a, "alloc", kind="movable" if a.movable else "unmovable", size=size, node=a.node, block=a.block)
@@ -329,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(exit 3 if a block cannot be offlined)")
     sp.add_argument("id", metavar="ID", help="device id (see memfs status)")
     sp.add_argument("--json", action="store_true")
+
+    sp = cmd("resize", cmd_resize, "change a virtio-mem device's requested size, as the hypervisor does; "
+                                   "the driver plugs or unplugs blocks (exit 3 if a block to unplug is busy)")
+    sp.add_argument("id", metavar="DEVICE", help="a virtio-mem device id (see memfs status)")
+    sp.add_argument("size", metavar="SIZE", help="the new requested size, a multiple of the block size, e.g. 512M")
+    sp.add_argument("--json", action="store_true", help="print the device and its blocks as JSON")
 
     sp = cmd("alloc", cmd_alloc, "allocate pages (pins blocks: unmovable pages make offlining fail EBUSY); "
                                  "prints the allocation id")

@@ -13,6 +13,8 @@ the reply is ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "code": "EBUSY
     status                                      -> status (memfs.status.snapshot)
     plug     size, [node, addr, id, driver, memmap_on_memory] -> device, blocks
     unplug   id                                 -> id, blocks
+    resize   id, size                           -> device, blocks (virtio-mem: the new requested
+                                                   size; EBUSY if blocks to unplug are busy)
     alloc    kind, size, [node, block]          -> allocation
     free     id                                 -> id
     events   [since, wait]                      -> seqnum, events
@@ -57,7 +59,7 @@ MAX_CONNECTIONS = 64
 SEND_TIMEOUT = 30
 #: longest device id (printable characters only)
 MAX_ID = 64
-OPS = ("ping", "status", "plug", "unplug", "alloc", "free", "events", "state", "shutdown")
+OPS = ("ping", "status", "plug", "unplug", "resize", "alloc", "free", "events", "state", "shutdown")
 
 
 # ---------------------------------------------------------------------- paths
@@ -146,6 +148,7 @@ _FIELDS = {
     "ping": set(), "status": set(), "shutdown": set(),
     "plug": {"size", "node", "addr", "id", "driver", "memmap_on_memory"},
     "unplug": {"id"},
+    "resize": {"id", "size"},
     "alloc": {"kind", "size", "node", "block"},
     "free": {"id"},
     "events": {"since", "wait"},
@@ -153,7 +156,7 @@ _FIELDS = {
 }
 
 
-_LOGGED = {"plug", "unplug", "alloc", "free", "shutdown"}
+_LOGGED = {"plug", "unplug", "resize", "alloc", "free", "shutdown"}
 
 
 def _event_dict(ev: Any) -> dict[str, Any]:
@@ -241,6 +244,15 @@ class Handler:
             blocks = list(self.m.device(dev_id).block_ids)
             self.m.unplug(dev_id)
         return {"id": dev_id, "blocks": blocks}
+
+    def op_resize(self, req: dict) -> dict:
+        from .status import device_dict
+        dev_id = _field(req, "id", (str,), required=True)
+        size = _size(req, "size", required=True)
+        dev = self.m.resize(dev_id, size)
+        with self.m.lock:
+            blocks = [{"id": b, "state": self.m.blocks[b].state} for b in dev.block_ids]
+            return {"device": device_dict(self.m, dev), "blocks": blocks}
 
     def op_alloc(self, req: dict) -> dict:
         kind = _field(req, "kind", (str,), required=True)
