@@ -52,11 +52,14 @@ def _load_config(a: argparse.Namespace) -> None:
     except ConfigError as e:
         raise Fail(EXIT_USAGE, str(e)) from None
     try:
-        load_config(a.config, overrides=overrides, kernel=a.kernel)
+        cfg = load_config(a.config, overrides=overrides, kernel=a.kernel)
     except ConfigError as e:
         raise Fail(EXIT_USAGE, f"{a.config or 'default machine'}: {e}") from None
     except OSError as e:
         raise Fail(EXIT_USAGE, f"cannot read the machine description {a.config}: {e.strerror}") from None
+    if a.kernel and a.kernel.strip() != cfg.kernel:  # a release string: say which profile covers it
+        from .machine.profiles import resolve_kernel
+        print(f"memfs: note: {resolve_kernel(a.kernel)[1]}", file=sys.stderr)
 
 
 def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
@@ -71,7 +74,7 @@ def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
         args += ["--state", os.path.abspath(a.state)]
     if a.control_mode is not None:
         args += ["--control-mode", f"{a.control_mode:o}"]
-    from .sandbox_cli import daemon_args  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import daemon_args  # sandbox hook (memfs/sandbox/cli.py)
     args += daemon_args(a)
     return args
 
@@ -316,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("mount", cmd_mount, "mount a machine at MNT; returns once the mount serves")
     sp.add_argument("--config", metavar="FILE", help="machine description (TOML); default: the embedded machine")
-    sp.add_argument("--kernel", metavar="V", help="kernel profile, e.g. 6.1 or 6.8 (overrides the file's kernel)")
+    sp.add_argument("--kernel", metavar="V", help="kernel profile (e.g. 6.1, 6.12, 7.2) or a release such as 6.12.117+deb13-amd64, "
+                         "which picks the newest profile not newer than it (overrides the file's kernel)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one key of the description, e.g. --set boot.memhp_default_state=online "
                          "(VALUE in TOML syntax, or a bare string); repeatable")
@@ -333,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",
                     help="seconds to wait for the mount to serve (default 30)")
     sp.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
-    from .sandbox_cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(sp)
 
     sp = cmd("umount", cmd_umount, "unmount MNT and stop its daemon (also removes a dead memfs mount)")
@@ -384,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to S seconds (at most 60) for an event after N")
     sp.add_argument("--json", action="store_true")
 
-    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox_cli.py)
+    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox/cli.py)
     return p
 
 

@@ -26,7 +26,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -35,10 +34,10 @@ import threading
 from typing import Any
 
 from . import control
+from .mountinfo import FSTYPE, mounts_at
 
 log = logging.getLogger("memfs.daemon")
 
-FSTYPE = "fuse.memfs"
 #: never mount over these (memfs must not hide the real sysfs/procfs)
 FORBIDDEN = ("/", "/sys", "/proc", "/dev", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib")
 
@@ -48,23 +47,6 @@ class MountError(Exception):
 
 
 # ---------------------------------------------------------------------- mount table
-
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def mounts_at(path: str | os.PathLike[str]) -> list[str]:
-    """fstypes of everything mounted at ``path`` (bottom to top), from /proc/self/mountinfo."""
-    target = os.path.realpath(path)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fields = pre.split()
-            if len(fields) >= 5 and _unescape(fields[4]) == target:
-                out.append(post.split()[0] if post else "?")
-    return out
-
 
 def probe(path: str, timeout: float = 5.0) -> str:
     """"alive" if the filesystem at ``path`` answers, "dead" if its FUSE connection is gone
@@ -241,9 +223,10 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
                                   state=state_file)
         server = control.ControlServer(handler, paths["sock"], control_mode)
         server.bind()
-        # sandbox hook (memfs/sandbox_cli.py): namespaces + uevent delivery, started once FUSE serves
-        from .sandbox_cli import DaemonSandbox
+        # sandbox hook (memfs/sandbox/service.py): namespaces + uevent delivery, started once FUSE serves
+        from .sandbox.service import DaemonSandbox
         sandbox_hook = DaemonSandbox(machine, mnt, paths["sock"], mode=sandbox, uevent_helper=uevent_helper)
+        handler.info["sandbox"] = sandbox_hook.status   # memfs status shows it (updated in place)
         # Only the main thread may take SIGTERM/SIGINT/SIGHUP: libfuse's handler must
         # interrupt the main loop's wait (its worker threads block every signal).
         stop = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -332,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-mode", type=parse_mode, default=control.DEFAULT_MODE)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
-    from .sandbox_cli import add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a.debug)

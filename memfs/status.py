@@ -207,6 +207,10 @@ def render_text(s: dict[str, Any]) -> str:
                f"memmap_on_memory={str(s['memmap_on_memory']).lower()}")
     if s.get("state_file"):
         out.append(f"state file: {s['state_file']} (every change is saved there; the next mount with it resumes)")
+    sb = s.get("sandbox")
+    if sb:
+        out.append(f"sandbox: running (holder pid {sb['holder']}; memfs exec/udevd work)" if sb["running"]
+                   else f"sandbox: none ({sb['error'] or 'starting'})")
     mi = s["meminfo"]
     out.append(f"MemTotal: {mi['MemTotal']:>12} kB   MemFree: {mi['MemFree']:>12} kB   "
                f"blocks: {len(blocks)} ({n_on} online, {len(blocks) - n_on} offline)")

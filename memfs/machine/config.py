@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from .profiles import ARCHES, DEFAULT_ARCH, DEFAULT_KERNEL, PROFILES, GiB, MiB
+from .profiles import ARCHES, BOOT_CALIBRATION, DEFAULT_ARCH, DEFAULT_KERNEL, PROFILES, GiB, MiB, resolve_kernel
 
 
 class ConfigError(ValueError):
@@ -67,8 +67,8 @@ class BootConfig:
 class NodeConfig:
     id: int
     ram: list[tuple[int, int]] = field(default_factory=list)  # boot RAM, bytes, end exclusive
-    reserved: int = 0  # bytes the kernel keeps at boot (present, not managed)
-    used: int = 0  # bytes of managed memory the booted kernel has in use
+    reserved: int | str = 0  # bytes the kernel keeps at boot (present, not managed), or "auto"
+    used: int | str = 0  # bytes of managed memory the booted kernel has in use, or "auto"
     cpus: bool = True  # a node with CPUs stays online even without memory
 
 
@@ -185,9 +185,10 @@ def from_dict(raw: dict[str, Any]) -> MachineConfig:
     _check_keys(raw, _TOP_KEYS, "")
     cfg = MachineConfig()
     if "kernel" in raw:
-        cfg.kernel = str(raw["kernel"])
-        if cfg.kernel not in PROFILES:
-            raise ConfigError(f"kernel: unknown profile {cfg.kernel!r}; choose one of {', '.join(PROFILES)}")
+        try:  # a profile name, or a release string such as 6.12.117+deb13-amd64
+            cfg.kernel, _ = resolve_kernel(str(raw["kernel"]))
+        except ValueError as e:
+            raise ConfigError(f"kernel: {e}") from None
     if "arch" in raw:
         cfg.arch = str(raw["arch"])
         if cfg.arch not in ARCHES:
@@ -266,8 +267,9 @@ def _node(t: dict, i: int) -> NodeConfig:
     if isinstance(ram, str):
         ram = [ram]
     n.ram = sorted(parse_range(r, where + "ram") for r in ram)
-    n.reserved = parse_size(t.get("reserved", 0), where + "reserved")
-    n.used = parse_size(t.get("used", 0), where + "used")
+    # "auto": what the profile's kernel build reserves and uses at boot (resolved in validate)
+    n.reserved = "auto" if t.get("reserved") == "auto" else parse_size(t.get("reserved", 0), where + "reserved")
+    n.used = "auto" if t.get("used") == "auto" else parse_size(t.get("used", 0), where + "used")
     n.cpus = _bool(t.get("cpus", True), where + "cpus")
     return n
 
@@ -308,6 +310,29 @@ def probe_memory_block_size(cfg: MachineConfig) -> int:
     return bz
 
 
+def resolve_boot_numbers(cfg: MachineConfig) -> None:
+    """``reserved``/``used`` = "auto": the boot numbers of the profile's kernel build.
+
+    Reserved: the memmap of the node's boot sections (memblock-allocated by sparse_init(),
+    mm/sparse.c, never freed to the buddy allocator) plus, on the first node with RAM, the
+    build's other early reservations (kernel image, SWIOTLB, ...). Used: the build's pages
+    in use after boot, on that same node. Both in bytes once resolved."""
+    arch = cfg.arch_profile
+    cal = BOOT_CALIBRATION[cfg.kernel]
+    section_pages = arch.section_size // arch.page_size
+    memmap_pages = -(-section_pages * cfg.struct_page_size // arch.page_size)
+    first = next((n.id for n in sorted(cfg.nodes, key=lambda n: n.id) if n.ram), None)
+    for n in cfg.nodes:
+        if n.reserved == "auto":
+            sections = {pfn // section_pages for s, e in n.ram
+                        for pfn in range(s // arch.page_size, e // arch.page_size, section_pages)}
+            sections |= {(e // arch.page_size - 1) // section_pages for s, e in n.ram if e > s}
+            pages = len(sections) * memmap_pages + (cal.early_reserved if n.id == first else 0)
+            n.reserved = pages * arch.page_size
+        if n.used == "auto":
+            n.used = (cal.used if n.id == first else 0) * arch.page_size
+
+
 def validate(cfg: MachineConfig) -> None:
     arch = cfg.arch_profile
     if cfg.block_size == "auto":
@@ -319,6 +344,7 @@ def validate(cfg: MachineConfig) -> None:
     ids = [n.id for n in cfg.nodes]
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise ConfigError("node.id: node ids must be unique and non-negative")
+    resolve_boot_numbers(cfg)
     spans: list[tuple[int, int, str]] = []
     for n in cfg.nodes:
         for s, e in n.ram:

@@ -24,7 +24,7 @@ import sys
 from tests.fusehelpers import fuse_unavailable
 from tests.replay.traces import (
     TRACE_A, TRACE_B, Dump, HostAdd, HostDel, Write, _parse_meminfo, _parse_zoneinfo,
-    errno_from_strerror, have_trace, load_trace,
+    errno_from_strerror, load_trace,
 )
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()), reason=fuse_unavailable() or "")
@@ -102,8 +102,6 @@ def memfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("name", [TRACE_A, TRACE_B])
 def test_trace_through_memfs_mount_with_the_shell(name, tmp_path):
-    if not have_trace(name):
-        pytest.skip(f"reference trace {name} not available")
     trace = load_trace(name)
     h = trace.header
     mnt = os.fspath(tmp_path / "mnt")

@@ -1,102 +1,24 @@
-"""The sandbox's commands and its part of the daemon (see memfs.sandbox).
+"""``memfs exec``, ``memfs udevd``, ``memfs monitor`` and the sandbox options of ``memfs mount``.
 
-CLI (registered into ``memfs`` by :func:`add_commands`):
-
-* ``memfs exec MNT [--] CMD ARGS...``: run CMD in MNT's sandbox; exit status and output
-  are CMD's (125: the sandbox refused or is missing, 126/127: CMD not runnable).
-* ``memfs udevd MNT [--rules DIR]... [--foreground] [--debug] [--stop]``: a real
-  systemd-udevd in the sandbox that reads only the rules in the given directories.
-* ``memfs monitor MNT [--json] [--count N] [--timeout S]``: print uevents as they happen.
-
-Daemon: :class:`DaemonSandbox` starts the sandbox, the uevent forwarder and the optional
-uevent helper once the FUSE mount serves, records the sandbox next to the control socket
-(``<run dir>/<key>.sandbox``), stops everything when the daemon ends, and also when the
-mount disappears behind its back (``fusermount -u``: the sandbox's copies of the mount
-would otherwise keep the FUSE connection alive).
+Registered into ``memfs`` by :func:`add_commands` (memfs/cli.py). Exit codes: the
+command's own for ``exec``; 125 when the sandbox refuses or is missing; 126/127 when
+the command cannot be run; 2 for usage errors; 1 for other failures.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
-import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
-log = logging.getLogger("memfs.sandbox")
-
-EXIT_SANDBOX = 125
-
-
-# ---------------------------------------------------------------------- daemon side
-
-class DaemonSandbox:
-    """What the memfs daemon holds for its mount: sandbox + forwarder (+ helper)."""
-
-    def __init__(self, machine: Any, mnt: str, sock_path: str, *, mode: str = "auto",
-                 uevent_helper: str | None = None) -> None:
-        self.machine = machine
-        self.mnt = mnt
-        self.mode = mode
-        self.uevent_helper = uevent_helper
-        self.state_file = sock_path[:-len(".sock")] + ".sandbox" if sock_path.endswith(".sock") else sock_path + ".sandbox"
-        run_dir = os.path.dirname(sock_path)
-        self.binds = [(run_dir, run_dir)] if run_dir.startswith("/run/") else []
-        self.attachment: Any = None
-        self.error: str | None = None
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-
-    def wanted(self) -> bool:
-        if self.mode == "off":
-            return False
-        if os.geteuid() != 0:
-            if self.mode == "on" or self.uevent_helper:
-                self.error = "the sandbox needs root"
-            else:
-                log.info("no sandbox for %s: not running as root", self.mnt)
-            return False
-        return True
-
-    def start(self) -> bool:
-        """Start everything; False (with ``self.error``) if it failed and was required."""
-        if not self.wanted():
-            return self.error is None
-        from .sandbox import Attachment
-        try:
-            self.attachment = Attachment(self.machine, self.mnt, uevent_helper=self.uevent_helper,
-                                         state_file=self.state_file, binds=self.binds)
-        except Exception as e:   # noqa: BLE001 - reported, never fatal in auto mode
-            self.error = f"sandbox: {e}"
-            log.warning("%s", self.error)
-            return self.mode != "on" and not self.uevent_helper
-        sb = self.attachment.sandbox
-        log.info("sandbox for %s ready: holder pid %d, net:[%d]; uevents forwarded%s", self.mnt,
-                 sb.holder, sb.netns, f", uevent helper {self.uevent_helper}" if self.uevent_helper else "")
-        self._watcher = threading.Thread(target=self._watch, name="memfs-sandbox-watch", daemon=True)
-        self._watcher.start()
-        return True
-
-    def _watch(self) -> None:
-        from .sandbox import FSTYPE, read_mountinfo, top_mount
-        while not self._stop.wait(0.5):
-            try:
-                top = top_mount(read_mountinfo(), self.mnt)
-            except OSError:
-                continue
-            if top is None or top.fstype != FSTYPE:
-                log.info("%s was unmounted: stopping its sandbox", self.mnt)
-                self.close()
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        att, self.attachment = self.attachment, None
-        if att is not None:
-            att.close()
+from .. import control
+from .checks import SandboxError
+from .core import Sandbox, _env_with_package, open_sandbox
+from .enter import EXIT_SANDBOX
+from .udevd import Udevd, find_udevd
 
 
 def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,20 +45,17 @@ def daemon_args(a: argparse.Namespace) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------- CLI
-
-def _sandbox_or_fail(mnt: str) -> Any:
-    from .sandbox import SandboxError, open_sandbox
-    try:
-        return open_sandbox(mnt)
-    except SandboxError as e:
-        raise _Fail(EXIT_SANDBOX, str(e)) from None
-
-
 class _Fail(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _sandbox_or_fail(mnt: str) -> Sandbox:
+    try:
+        return open_sandbox(mnt)
+    except SandboxError as e:
+        raise _Fail(EXIT_SANDBOX, str(e)) from None
 
 
 def cmd_exec(a: argparse.Namespace) -> int:
@@ -155,7 +74,6 @@ def cmd_exec(a: argparse.Namespace) -> int:
 
 
 def cmd_udevd(a: argparse.Namespace) -> int:
-    from .sandbox import SandboxError, Udevd, find_udevd
     sb = _sandbox_or_fail(os.path.realpath(a.mountpoint))
     if a.stop:
         r = sb.run(["udevadm", "control", "--exit", "--timeout=10"], timeout=20)
@@ -172,9 +90,7 @@ def cmd_udevd(a: argparse.Namespace) -> int:
             raise _Fail(2, f"--rules {r}: not a directory")
     if a.foreground:
         argv = [exe, "--resolve-names=never"] + (["--debug"] if a.debug else [])
-        env = dict(os.environ, SYSTEMD_DEVICE_VERIFY_SYSFS="0")
-        from .sandbox import _package_parent
-        env["PYTHONPATH"] = _package_parent()
+        env = _env_with_package(dict(os.environ, SYSTEMD_DEVICE_VERIFY_SYSFS="0"))
         cmd = sb.command(argv, cwd="/", unshare_mounts={"udev_rules": rules, "udev_conf": ""})
         return subprocess.call(cmd, env=env)
     try:
@@ -186,15 +102,16 @@ def cmd_udevd(a: argparse.Namespace) -> int:
     return 0
 
 
-def _format_event(ev: dict, as_json: bool) -> str:
+def _format_event(ev: dict[str, object], as_json: bool) -> str:
     if as_json:
         return json.dumps(ev, sort_keys=True)
     head = f"KERNEL[{time.monotonic():.6f}] {ev['action']:<8} {ev['devpath']} ({ev['subsystem']})"
-    return head + "".join(f"\n{k}={v}" for k, v in ev["env"].items()) + "\n"
+    env = ev["env"]
+    assert isinstance(env, dict)
+    return head + "".join(f"\n{k}={v}" for k, v in env.items()) + "\n"
 
 
 def cmd_monitor(a: argparse.Namespace) -> int:
-    from . import control
     mnt = os.path.realpath(a.mountpoint)
     deadline = time.monotonic() + a.timeout if a.timeout else None
     seen = 0
@@ -245,7 +162,6 @@ def add_commands(cmd: Callable[..., argparse.ArgumentParser]) -> None:
 
 def _wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
-        from .sandbox import SandboxError
         try:
             return fn(a)
         except (_Fail, SandboxError) as e:

@@ -1,7 +1,7 @@
-"""The ``memfs_machine`` pytest fixture: a mounted machine plus its sandbox.
+"""A mounted machine plus its sandbox: what the ``memfs_machine`` fixture gives.
 
-Loaded by the ``memfs`` pytest plugin (memfs.pytest_plugin), so any test run where memfs
-is installed can use it::
+The fixture is registered by the ``memfs`` pytest plugin (memfs.pytest_plugin), so any
+test run where memfs is installed can use it::
 
     import pytest
 
@@ -35,17 +35,20 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 
+from memfs.sandbox import Sandbox, Udevd, open_sandbox
+from memfs.testing.mount import MemfsMount, fuse_unavailable, memfs_mounted
+
 OPTIONS = ("config", "kernel", "sets", "sandbox", "uevent_helper", "udev_rules", "watchdog")
 
 
 class MemfsMachine:
     """A mounted memfs machine; ``run()`` executes commands in its sandbox."""
 
-    def __init__(self, mount: Any, sandbox: Any | None) -> None:
-        self.mount = mount            # memfs.pytest_plugin.MemfsMount
+    def __init__(self, mount: MemfsMount, sandbox: Sandbox | None) -> None:
+        self.mount = mount
         self.path: Path = mount.path  # the sysroot: path/sys/..., path/proc/...
-        self.sandbox = sandbox        # memfs.sandbox.Sandbox handle, or None
-        self._udevds: list[Any] = []
+        self.sandbox = sandbox        # None with sandbox=False
+        self._udevds: list[Udevd] = []
         self._tmp: list[tempfile.TemporaryDirectory] = []
 
     # -- the machine (control socket) ---------------------------------------------------
@@ -98,7 +101,7 @@ class MemfsMachine:
 
     # -- the sandbox ---------------------------------------------------------------------
 
-    def _need_sandbox(self) -> Any:
+    def _need_sandbox(self) -> Sandbox:
         if self.sandbox is None:
             raise RuntimeError("this memfs_machine has no sandbox (sandbox=False, or the daemon "
                                "could not start one: see its log)")
@@ -110,10 +113,9 @@ class MemfsMachine:
         argv = list(cmd[0]) if len(cmd) == 1 and not isinstance(cmd[0], str) else [str(c) for c in cmd]
         return self._need_sandbox().run(argv, timeout=timeout, check=check, input=input, env=env)
 
-    def udevd(self, rules: dict[str, str] | Sequence[str | os.PathLike[str]] = (), **kw: Any) -> Any:
+    def udevd(self, rules: dict[str, str] | Sequence[str | os.PathLike[str]] = (), **kw: Any) -> Udevd:
         """Start a real systemd-udevd in the sandbox with only these rules (a dict of file
         name -> text, or directories). Stopped at the end of the test."""
-        from memfs.sandbox import Udevd
         dirs: list[str]
         if isinstance(rules, dict):
             td = tempfile.TemporaryDirectory(prefix="memfs-rules-")
@@ -135,7 +137,7 @@ class MemfsMachine:
             td.cleanup()
 
 
-def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
+def options(request: pytest.FixtureRequest) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for marker in reversed(list(request.node.iter_markers("memfs"))):
         opts.update(marker.kwargs)
@@ -149,7 +151,7 @@ def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def memfs_machine_cm(opts: dict[str, Any]) -> Iterator[MemfsMachine]:
-    from memfs.pytest_plugin import fuse_unavailable, memfs_mounted
+    """A MemfsMachine for the block (skips the test where it cannot be had)."""
     reason = fuse_unavailable()
     if reason:
         pytest.skip(f"cannot mount memfs here: {reason}")
@@ -159,39 +161,18 @@ def memfs_machine_cm(opts: dict[str, Any]) -> Iterator[MemfsMachine]:
     extra = ["--sandbox" if want_sandbox else "--no-sandbox"]
     if opts.get("uevent_helper"):
         extra += ["--uevent-helper", os.fspath(opts["uevent_helper"])]
-    try:
-        cm = memfs_mounted(config=opts.get("config"), kernel=opts.get("kernel"), sets=opts.get("sets"),
-                           extra=extra, watchdog=opts.get("watchdog", 300.0))
-        mount = cm.__enter__()
-    except RuntimeError as e:
-        if want_sandbox and "sandbox" in str(e):
-            pytest.skip(f"no memfs sandbox here: {e}")
-        raise
-    m: MemfsMachine | None = None
-    try:
-        sandbox = None
-        if want_sandbox:
-            from memfs.sandbox import open_sandbox
-            sandbox = open_sandbox(mount.path)
-        m = MemfsMachine(mount, sandbox)
+    with contextlib.ExitStack() as stack:
+        try:
+            mount = stack.enter_context(memfs_mounted(
+                config=opts.get("config"), kernel=opts.get("kernel"), sets=opts.get("sets"),
+                extra=extra, watchdog=opts.get("watchdog", 300.0)))
+        except RuntimeError as e:
+            if want_sandbox and "sandbox" in str(e):
+                pytest.skip(f"no memfs sandbox here: {e}")
+            raise
+        m = MemfsMachine(mount, open_sandbox(mount.path) if want_sandbox else None)
+        stack.callback(m.close)
         rules = opts.get("udev_rules")
         if rules:
             m.udevd(rules)
         yield m
-    finally:
-        if m is not None:
-            m.close()
-        cm.__exit__(None, None, None)
-
-
-@pytest.fixture
-def memfs_machine(request: pytest.FixtureRequest) -> Iterator[MemfsMachine]:
-    """A mounted memfs machine with its sandbox; see memfs.sandbox_pytest."""
-    with memfs_machine_cm(_options(request)) as m:
-        yield m
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "memfs(config=None, kernel=None, sets=None, sandbox=True, uevent_helper=None, "
-                   "udev_rules=None): options of the memfs_machine fixture")
