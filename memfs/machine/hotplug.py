@@ -840,14 +840,18 @@ class Machine:
         auto-onlined): add_memory_driver_managed(), never MHP_MEMMAP_ON_MEMORY."""
         nb = diff // self.block_size
         first = dev.start // self.block_size
+        offline = self._virtio_mem_offline_size(dev)  # kept up to date here: O(region), not O(region^2)
+        threshold = self._virtio_mem_offline_threshold()
         for bid in range(first, first + dev.size // self.block_size):
             if not nb:
                 return
             if bid in self.blocks:
                 continue
-            if not self._virtio_mem_could_add_memory(dev, self.block_size):
+            if offline + self.block_size > threshold:  # virtio_mem_could_add_memory()
                 return  # -ENOSPC: wait until blocks get onlined (MEM_ONLINE retries)
             self.add_memory(dev, False, start=bid * self.block_size, size=self.block_size)
+            if self.blocks[bid].state != MEM_ONLINE:  # not auto-onlined
+                offline += self.block_size
             nb -= 1
 
     def _virtio_mem_sbm_unplug_request(self, dev: HotplugDevice, diff: int) -> None:
