@@ -298,7 +298,8 @@ def cmd_events(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 
 EPILOG = """exit codes: 0 ok, 1 error, 2 usage or machine-description error,
-3 busy (a block could not be offlined; nothing changed), 4 no memfs is mounted at MNT"""
+3 busy (a block could not be offlined: unplug changed nothing, resize keeps what it
+removed), 4 no memfs is mounted at MNT"""
 
 
 def build_parser() -> argparse.ArgumentParser:

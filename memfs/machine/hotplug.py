@@ -811,8 +811,8 @@ class Machine:
         with self.lock:
             dev = self.device(dev_id)
             if dev.driver != "virtio_mem":
-                raise OSError(errno.EOPNOTSUPP, f"{dev_id} is a {dev.driver} device; only virtio-mem devices "
-                                                f"resize (unplug it, or plug a new one)")
+                raise OSError(errno.EOPNOTSUPP, f"{dev_id} is not a virtio-mem device (driver {dev.driver}); "
+                                                f"only virtio-mem devices resize: unplug it, or plug another")
             self._check_requested(dev, requested)
             dev.requested = requested
             self._changed()
