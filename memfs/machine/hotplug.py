@@ -855,17 +855,20 @@ class Machine:
             nb -= 1
 
     def _virtio_mem_sbm_unplug_request(self, dev: HotplugDevice, diff: int) -> None:
-        """virtio_mem_sbm_unplug_request() (5.16+): offline blocks first, then ZONE_MOVABLE
-        ones, then kernel-zone ones, each from the highest block down. An online block is
+        """virtio_mem_sbm_unplug_request(): offline blocks first, then ZONE_MOVABLE ones, then
+        kernel-zone ones (5.16+; before, all online blocks alike), each from the highest block
+        down. An online block is
         fake-offlined (alloc_contig_range(): its pages migrate away) and then goes through
         offline_and_remove_memory(); a block that cannot be freed (-EBUSY) stays, and the
         next candidate is tried. -EBUSY at the end if not enough could be unplugged."""
         nb = diff // self.block_size
         blocks = [self.blocks[b] for b in sorted(dev.block_ids, reverse=True)]
         offline = [m for m in blocks if m.state != MEM_ONLINE]
-        movable = [m for m in blocks if m.state == MEM_ONLINE and m.zone is not None and m.zone.is_movable]
-        kernel = [m for m in blocks if m.state == MEM_ONLINE and not (m.zone is not None and m.zone.is_movable)]
-        for mem in offline + movable + kernel:
+        online = [m for m in blocks if m.state == MEM_ONLINE]
+        if self.profile.virtio_mem_movable_first:
+            online = ([m for m in online if m.zone is not None and m.zone.is_movable]
+                      + [m for m in online if not (m.zone is not None and m.zone.is_movable)])
+        for mem in offline + online:
             if not nb:
                 return
             if mem.state == MEM_ONLINE:

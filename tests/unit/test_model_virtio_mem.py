@@ -105,6 +105,16 @@ def test_offline_blocks_go_first_then_movable_then_kernel():
     assert m.devices["vm0"].block_ids == [33]
 
 
+def test_before_5_16_online_blocks_go_top_down_whatever_their_zone():
+    m = machine("5.15", dimms=[{"id": "vm0", "size": "2G", "driver": "virtio_mem"}])
+    m.resize("vm0", 256 * MiB)
+    state(m, 32, "online_movable")
+    state(m, 33, "online_kernel")
+    seq = m.events.seqnum
+    m.resize("vm0", 128 * MiB)  # 5.16+ would take Movable memory32; 5.15 takes the top block
+    assert events_since(m, seq) == [("offline", "memory33"), ("remove", "memory33")]
+
+
 def test_busy_block_is_kept_and_the_next_one_tried_then_ebusy():
     m = vm_machine()
     m.resize("vm0", 384 * MiB)
