@@ -214,8 +214,12 @@ def cmd_status(a: argparse.Namespace) -> int:
 def cmd_plug(a: argparse.Namespace) -> int:
     size = _size(a.size, "--size")
     addr = _size(a.addr, "--addr") if a.addr is not None else None
+    requested = _size(a.requested, "--requested") if a.requested is not None else None
+    if requested is not None and a.driver != "virtio_mem":
+        raise Fail(EXIT_USAGE, "--requested is for --driver virtio_mem (its region is --size); "
+                               "other devices are plugged whole")
     r = _call(a, "plug", size=size, node=a.node, addr=addr, id=a.id, driver=a.driver,
-              memmap_on_memory=a.memmap_on_memory or None)
+              memmap_on_memory=a.memmap_on_memory or None, requested=requested)
     if a.json:
         print(json.dumps({"device": r["device"], "blocks": r["blocks"]}, indent=2))
     else:
@@ -357,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what adds the memory: an ACPI DIMM (default), a probe write, dax/kmem, virtio-mem")
     sp.add_argument("--memmap-on-memory", action="store_true",
                     help="request memmap_on_memory (dax_kmem only; ACPI DIMMs follow boot.memmap_on_memory)")
+    sp.add_argument("--requested", metavar="SIZE",
+                    help="virtio_mem only: the size plugged now, --size being the region (default: all "
+                         "of it); memfs resize changes it later")
     sp.add_argument("--json", action="store_true", help="print the device and blocks as JSON")
 
     sp = cmd("unplug", cmd_unplug, "hot-remove a device: offline its blocks and remove them "

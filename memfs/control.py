@@ -11,7 +11,9 @@ the reply is ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "code": "EBUSY
 
     ping                                        -> pid, mountpoint, version
     status                                      -> status (memfs.status.snapshot)
-    plug     size, [node, addr, id, driver, memmap_on_memory] -> device, blocks
+    plug     size, [node, addr, id, driver, memmap_on_memory, requested] -> device, blocks
+                                                  (virtio-mem: size is the region, requested
+                                                   what the driver plugs, default size)
     unplug   id                                 -> id, blocks
     resize   id, size                           -> device, blocks (virtio-mem: the new requested
                                                    size; EBUSY if blocks to unplug are busy)
@@ -146,7 +148,7 @@ def _size(req: dict, key: str, required: bool = False) -> int | None:
 
 _FIELDS = {
     "ping": set(), "status": set(), "shutdown": set(),
-    "plug": {"size", "node", "addr", "id", "driver", "memmap_on_memory"},
+    "plug": {"size", "node", "addr", "id", "driver", "memmap_on_memory", "requested"},
     "unplug": {"id"},
     "resize": {"id", "size"},
     "alloc": {"kind", "size", "node", "block"},
@@ -227,13 +229,18 @@ class Handler:
         dev_id = _field(req, "id", (str,))
         driver = _field(req, "driver", (str,), "acpi")
         mom = _field(req, "memmap_on_memory", (bool,), False)
+        requested = _size(req, "requested")
+        if requested is not None and driver != "virtio_mem":
+            raise BadRequest("plug: requested is a virtio-mem size (the device's region is size); other "
+                             "devices are plugged whole")
         if mom and driver != "dax_kmem":
             raise BadRequest("plug: memmap_on_memory can be requested for driver dax_kmem only; an ACPI "
                              "DIMM gets it from the boot parameter (boot.memmap_on_memory) and the kernel "
                              "profile, virtio-mem and probe never use it")
         if dev_id is not None and not (0 < len(dev_id) <= MAX_ID and dev_id.isprintable()):
             raise BadRequest(f"plug: id must be 1 to {MAX_ID} printable characters, e.g. dimm4")
-        dev = self.m.plug(size, node=node, addr=addr, dev_id=dev_id, driver=driver, memmap_on_memory=mom)
+        dev = self.m.plug(size, node=node, addr=addr, dev_id=dev_id, driver=driver, memmap_on_memory=mom,
+                          requested=requested)
         with self.m.lock:
             blocks = [{"id": b, "state": self.m.blocks[b].state} for b in dev.block_ids if b in self.m.blocks]
             return {"device": device_dict(self.m, dev), "blocks": blocks}
