@@ -208,3 +208,8 @@ def test_resize_a_virtio_mem_device(memfs_mount, tmp_path):
     assert r.returncode == 1 and "multiple of the memory block size" in r.stderr
     r = m.cli("resize", "dimm-none", "128M")
     assert r.returncode == 1 and "no device" in r.stderr
+    r = m.cli("plug", "--size", "1G", "--driver", "virtio_mem", "--requested", "256M", "--id", "vm1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "vm1: memory48 (offline) memory49 (offline)\n"  # after vm0's 2 GiB region (32-47)
+    r = m.cli("plug", "--size", "1G", "--requested", "256M")
+    assert r.returncode == 2 and "--requested is for --driver virtio_mem" in r.stderr
