@@ -179,7 +179,7 @@ def take_lock(path: str, mnt: str) -> int:
 def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         sets: list[str] | None = None, state: str | None = None, control_mode: int = control.DEFAULT_MODE,
         ready_fd: int | None = None, debug: bool = False, sandbox: str = "auto",
-        uevent_helper: str | None = None) -> int:
+        uevent_helper: str | None = None, inc_epoch: bool = True) -> int:
     """Serve one machine at ``mnt`` until unmounted; returns the exit code."""
     from .machine.config import ConfigError, load_config, parse_sets
 
@@ -196,8 +196,9 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
             ready.error(2, msg)
             log.error("%s", msg)
             return 2
-        from .fuse import serve
+        from .fuse import Invalidator, serve
         from .machine.hotplug import Machine
+        from .sysfs.changes import watch_machine
         from .sysfs.tree import build_tree
 
         paths = control.paths_in(control.choose_run_dir(), mnt)
@@ -266,9 +267,16 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
                 os.kill(os.getpid(), signal.SIGTERM)
         threading.Thread(target=start_sandbox, name="memfs-sandbox-start", daemon=True).start()
 
+    def watch(inv: Invalidator) -> None:
+        # every change of the machine drops the kernel's cached copies of what it
+        # altered; a control op drops them before it is answered
+        watch_machine(machine, inv)
+        handler.around_op = inv.collect
+
     code = 0
     try:
-        serve(tree, mnt, ready=on_ready, debug=debug, watch=machine.listeners.append)
+        serve(tree, mnt, ready=on_ready, debug=debug, watch=watch, lock=machine.lock,
+              epoch=None if inc_epoch else False)
     except RuntimeError as e:
         code = 1
         if not ready.ready:
@@ -315,13 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-mode", type=parse_mode, default=control.DEFAULT_MODE)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--no-inc-epoch", dest="inc_epoch", action="store_false",
+                   help="drop vanished entries with FUSE_NOTIFY_INVAL_ENTRY, as on kernels "
+                        "before 6.16, even where FUSE_NOTIFY_INC_EPOCH exists (tests)")
     from .sandbox.cli import add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a.debug)
     return run(a.mountpoint, config=a.config, kernel=a.kernel, sets=a.set, state=a.state,
                control_mode=a.control_mode, ready_fd=a.ready_fd, debug=a.debug,
-               sandbox=a.sandbox, uevent_helper=a.uevent_helper)
+               sandbox=a.sandbox, uevent_helper=a.uevent_helper, inc_epoch=a.inc_epoch)
 
 
 if __name__ == "__main__":
