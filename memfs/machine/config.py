@@ -104,6 +104,7 @@ class DimmConfig:
     node: int = 0
     addr: int | None = None
     driver: str = "acpi"
+    requested: int = 0  # virtio-mem: the size plugged at boot (size is the device region)
 
 
 @dataclass
@@ -144,7 +145,7 @@ _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
 _NODE_KEYS = {"id", "ram", "nomap", "reserved", "used", "cpus", "distance"}
 _RESERVE_KEYS = {"range", "kind"}
-_DIMM_KEYS = {"id", "size", "node", "addr", "driver"}
+_DIMM_KEYS = {"id", "size", "node", "addr", "driver", "requested"}
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -355,6 +356,11 @@ def _dimm(t: dict, i: int) -> DimmConfig:
     d.driver = str(t.get("driver", "acpi"))
     if d.driver not in DRIVERS:
         raise ConfigError(f"{where}driver: one of {', '.join(DRIVERS)}")
+    if "requested" in t:
+        if d.driver != "virtio_mem":
+            raise ConfigError(f"{where}requested: only a virtio-mem device (driver = \"virtio_mem\") has a "
+                              f"requested size; other devices are plugged whole")
+        d.requested = parse_size(t["requested"], where + "requested")
     return d
 
 
@@ -505,6 +511,9 @@ def validate(cfg: MachineConfig) -> None:
             spans.append((d.addr, d.addr + d.size, where))
         if d.node not in ids:
             raise ConfigError(f"{where}: node {d.node} is not a configured [[node]]; add one (ram may be empty)")
+        if d.requested > d.size or d.requested % bs:
+            raise ConfigError(f"{where}: requested {d.requested:#x} must be a multiple of the block size {bs:#x} "
+                              f"no larger than size {d.size:#x} (the virtio-mem region)")
     if len([d for d in cfg.dimms if d.driver == "acpi"]) > cfg.slots:
         raise ConfigError(f"hotplug.slots: {cfg.slots} slots cannot hold the {len(cfg.dimms)} ACPI DIMMs")
     spans.sort()

@@ -29,6 +29,10 @@ from .lockdep import lockdep_assert_held
 from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, arm64_zone_limits, make_zones
 
 EHWPOISON = 133  # not in Python's errno module on every platform
+#: QEMU's memory hotplug container (\_SB.MHPC, PNP0A06) as drivers/acpi/container.c registers it
+ACPI_CONTAINER_DEVPATH = "/devices/system/container/PNP0A06:04"
+#: nodeN/memory_failure/ files, in memory_failure_attr[] order
+MF_STATS = ("total", "ignored", "failed", "delayed", "recovered")
 
 # x86_64 4-level paging: MAX_PHYSMEM_BITS 46; arm64: 48 (52 with LPA, not modelled)
 _MAX_PHYSMEM_BITS = {"x86_64": 46}
@@ -116,6 +120,11 @@ class Machine:
         self.nr_memmap_boot_pages = 0
         # allocation ids of pages held on the zones' per-cpu lists (_populate_memmap, _fill_pcp)
         self.pcp_lists: list[int] = []
+        self.booted = False
+        # NODE_DATA(nid)->mf_stats (mm/memory-failure.c update_per_node_mf_stats(), 2023+):
+        # the raw pages memory_failure() handled on each node, by outcome
+        self.mf_stats: dict[int, dict[str, int]] = {
+            n.id: dict.fromkeys(MF_STATS, 0) for n in cfg.nodes}
         self._boot()
 
     @classmethod
@@ -207,7 +216,9 @@ class Machine:
                          if b.nid == n.id and b.free > 0]
                 self.allocator.allocate(_alloc.UNMOVABLE, pages, n.id, label="kernel", order=order)
         for d in self.cfg.dimms:
-            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver)
+            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver,
+                      requested=d.requested if d.driver == "virtio_mem" else None)
+        self.booted = True  # from here on, plugs are runtime hot-adds
         self.generation = 0
 
     def _all_zones(self) -> Iterable[Zone]:
@@ -620,6 +631,7 @@ class Machine:
         self.memory_subsys_online(mem)
         mem.dev_offline = False
         self.events.emit("online", mem.devpath)
+        self._virtio_mem_notify_online(mem)
         return 0
 
     def device_offline(self, mem: MemoryBlock) -> int:
@@ -719,24 +731,37 @@ class Machine:
         if any(bid in self.blocks for bid in range(first, last)):  # boot RAM (no device) there
             raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")
 
-    def add_memory(self, dev: HotplugDevice, request_memmap: bool) -> None:
-        """add_memory_resource(): blocks created offline, `add` events, node links, auto-online."""
+    def add_memory(self, dev: HotplugDevice, request_memmap: bool, start: int | None = None,
+                   size: int | None = None) -> None:
+        """add_memory_resource(): blocks created offline, `add` events, node links, auto-online.
+
+        [start, start + size) defaults to the whole device; virtio-mem adds one block of its
+        region at a time (add_memory_driver_managed() per memory block)."""
         lockdep_assert_held(self.lock)
-        self._check_range(dev.start, dev.size, dev.nid)
-        nblocks = dev.size // self.block_size
+        start = dev.start if start is None else start
+        size = dev.size if size is None else size
+        if self.devices.get(dev.id) is not dev:  # a new device: its whole range must be free
+            self._check_range(start, size, dev.nid)
+        else:  # part of a registered device's region: only present memory can be in the way
+            first = start // self.block_size
+            if any(b in self.blocks for b in range(first, first + size // self.block_size)):
+                raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")
+        nblocks = size // self.block_size
         use_altmap = False
         if request_memmap:
             if self.profile.memmap_split_per_block:
                 use_altmap = self.mhp_supports_memmap_on_memory(None)
             elif self.profile.memmap_force:  # 6.6: silent fallback
-                use_altmap = self.mhp_supports_memmap_on_memory(dev.size)
-            elif not self.mhp_supports_memmap_on_memory(dev.size):
+                use_altmap = self.mhp_supports_memmap_on_memory(size)
+            elif not self.mhp_supports_memmap_on_memory(size):
                 raise OSError(errno.EINVAL, "memmap_on_memory requested but not supported for this range")
             else:
                 use_altmap = True
         memmap_pages = nblocks * self.sections_per_block * self.section_memmap_pages()
+        memmap_ids: list[int] = []
         if not use_altmap:  # the memmap comes from RAM, the new node's first
-            dev.memmap_allocs += self._populate_memmap(memmap_pages, dev.nid, f"memmap:{dev.id}")
+            memmap_ids = self._populate_memmap(memmap_pages, dev.nid, f"memmap:{dev.id}")
+            dev.memmap_allocs += memmap_ids
         dev.memmap_on_memory = use_altmap
         node = self.nodes[dev.nid]
         node.online = True
@@ -744,7 +769,7 @@ class Machine:
         if use_altmap:
             v = (self.memory_block_memmap_on_memory_pages() if self.profile.memmap_force
                  else self.memory_block_memmap_size() // self.page_size)
-        first = dev.start // self.block_size
+        first = start // self.block_size
         new = []
         for i in range(nblocks):
             mem = MemoryBlock(first + i, (first + i) * self.pages_per_block, self.pages_per_block, dev.nid,
@@ -752,8 +777,12 @@ class Machine:
                               group=dev.group, device=dev)
             self.blocks[mem.id] = mem
             dev.block_ids.append(mem.id)
+            if memmap_ids and nblocks == 1:
+                dev.block_memmap[mem.id] = memmap_ids
             new.append(mem)
             self.events.emit("add", mem.devpath)
+        if dev.block_ids[0] != first:  # a block within a region: keep the device's blocks in order
+            dev.block_ids.sort()
         for mem in new:
             node.blocks[mem.id] = None
         self.nr_memmap_pages += memmap_pages
@@ -783,8 +812,11 @@ class Machine:
 
     @journaled
     def plug(self, size: int, node: int = 0, addr: int | None = None, dev_id: str | None = None,
-             driver: str = "acpi", memmap_on_memory: bool = False) -> HotplugDevice:
-        """Hot-add a device, like QEMU's device_add (acpi) or a driver binding."""
+             driver: str = "acpi", memmap_on_memory: bool = False, requested: int | None = None) -> HotplugDevice:
+        """Hot-add a device, like QEMU's device_add (acpi) or a driver binding.
+
+        virtio-mem: `size` is the device region and `requested` the size the hypervisor asks
+        for (default: the whole region); the driver then plugs blocks towards it."""
         with self.lock:
             if dev_id is None:
                 prefix = "dimm" if driver == "acpi" else driver  # QEMU-like: dimm1, dimm2, ...
@@ -798,6 +830,8 @@ class Machine:
                 raise OSError(errno.EINVAL, f"size {size:#x} is not a multiple of the block size {self.block_size:#x}")
             if node not in self.nodes:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
+            if requested is not None and driver != "virtio_mem":
+                raise OSError(errno.EINVAL, "a requested size is a virtio-mem property; other devices plug whole")
             slot = None
             if driver == "acpi":
                 slot = next((i for i, d in enumerate(self.slots) if d is None), None)
@@ -818,34 +852,24 @@ class Machine:
                 dev.group = self._new_group(node, False, pages)
                 request = memmap_on_memory
             elif driver == "virtio_mem":
-                dev.group = self._new_group(node, True, self.pages_per_block)
-                request = False
+                return self._virtio_mem_probe(dev, size if requested is None else requested)
             elif driver == "probe":
                 request = False
             else:
                 raise OSError(errno.EINVAL, f"unknown driver {driver!r}")
             try:
-                if driver == "virtio_mem":  # virtio-mem adds (and auto-onlines) block by block
-                    self._check_range(start, size, node)
-                    for i in range(size // self.block_size):
-                        part = HotplugDevice(dev_id, driver, start + i * self.block_size, self.block_size,
-                                             node, group=dev.group)
-                        self.add_memory(part, False)
-                        dev.block_ids += part.block_ids
-                        del self.devices[dev_id]
-                        dev.memmap_allocs += part.memmap_allocs
-                    self.devices[dev_id] = dev
-                else:
-                    self.add_memory(dev, request)
+                self.add_memory(dev, request)
             except OSError:
-                if dev.block_ids:  # virtio-mem failed part-way: the device keeps what it plugged
-                    self.devices[dev_id] = dev
-                elif dev.group is not None:
+                if dev.group is not None:
                     del self.groups[dev.group.id]
                 raise
             if slot is not None:
                 self.slots[slot] = dev
                 self.ost_log.append(AcpiOstReport(dev_id, 1, 0))
+                if self.booted and self.profile.acpi_container_online:
+                    # the Device Check rescan reaches the memory devices' container after
+                    # the new blocks were added (and auto-onlined): KOBJ_ONLINE for it
+                    self.events.emit("online", ACPI_CONTAINER_DEVPATH, subsystem="container")
             return dev
 
     def _acpi_dimm_without_driver(self, dev: HotplugDevice) -> HotplugDevice:
@@ -862,6 +886,157 @@ class Machine:
         self.ost_log.append(AcpiOstReport(dev.id, 1, 0))
         self._changed()
         return dev
+
+    # ------------------------------------------------------------------ virtio-mem
+    # drivers/virtio/virtio_mem.c in Sub Block Mode (SBM: the device block, 2 MiB with
+    # QEMU, is smaller than a memory block). memfs plugs and unplugs whole memory blocks:
+    # requested sizes are multiples of the memory block size, so no block is ever partly
+    # plugged (VIRTIO_MEM_SBM_MB_*_PARTIAL never happens here).
+
+    #: VIRTIO_MEM_DEFAULT_OFFLINE_THRESHOLD: the driver stops adding memory while this much
+    #: of what it added is still offline (memory nobody onlines would only cost memmap)
+    VIRTIO_MEM_OFFLINE_THRESHOLD = 1 << 30
+
+    def _virtio_mem_probe(self, dev: HotplugDevice, requested: int) -> HotplugDevice:
+        """virtio_mem_probe() + virtio_mem_init(): the region is reserved, the dynamic memory
+        group registered (memory_group_register_dynamic(nid, unit_pages = one memory block in
+        SBM)), then the work item processes the requested size."""
+        self._check_range(dev.start, dev.size, dev.nid)
+        self._check_requested(dev, requested)
+        dev.requested = requested
+        dev.group = self._new_group(dev.nid, True, self.pages_per_block)
+        self.devices[dev.id] = dev
+        self._changed()
+        try:
+            self.virtio_mem_run_wq(dev)
+        except OSError:
+            if not dev.block_ids:  # nothing plugged: the hot-add changed nothing
+                del self.devices[dev.id]
+                if dev.group is not None:
+                    del self.groups[dev.group.id]
+                self._changed()
+            raise
+        return dev
+
+    def _check_requested(self, dev: HotplugDevice, requested: int) -> None:
+        if not 0 <= requested <= dev.size:
+            raise OSError(errno.EINVAL, f"requested size {requested:#x} is outside {dev.id}'s region "
+                                        f"of {dev.size:#x} bytes")
+        if requested % self.block_size:
+            raise OSError(errno.EINVAL, f"requested size {requested:#x} is not a multiple of the memory "
+                                        f"block size {self.block_size:#x} (memfs plugs whole blocks)")
+
+    def virtio_mem_plugged_size(self, dev: HotplugDevice) -> int:
+        """vm->plugged_size: every block the driver added is fully plugged."""
+        return len(dev.block_ids) * self.block_size
+
+    def _virtio_mem_offline_size(self, dev: HotplugDevice) -> int:
+        """vm->offline_size: added by the driver and not (yet) online."""
+        return sum(self.block_size for b in dev.block_ids if self.blocks[b].state != MEM_ONLINE)
+
+    def _virtio_mem_offline_threshold(self) -> int:
+        """virtio_mem_init(): at least two memory blocks may be offline at a time."""
+        return max(2 * self.block_size, self.VIRTIO_MEM_OFFLINE_THRESHOLD)
+
+    def _virtio_mem_could_add_memory(self, dev: HotplugDevice, size: int) -> bool:
+        return self._virtio_mem_offline_size(dev) + size <= self._virtio_mem_offline_threshold()
+
+    @journaled
+    def resize(self, dev_id: str, requested: int) -> HotplugDevice:
+        """The hypervisor changes a virtio-mem device's requested size (QEMU: qom-set DEV
+        requested-size); the config-change interrupt runs the driver's work item at once.
+
+        Growing that stops at the offline threshold is not an error: the driver goes on when
+        blocks get onlined. A shrink that cannot free enough memory fails EBUSY after removing
+        what it could; the request stays (the driver's retry timer is not modelled: resize
+        again to retry)."""
+        with self.lock:
+            dev = self.device(dev_id)
+            if dev.driver != "virtio_mem":
+                raise OSError(errno.EOPNOTSUPP, f"{dev_id} is not a virtio-mem device (driver {dev.driver}); "
+                                                f"only virtio-mem devices resize: unplug it, or plug another")
+            self._check_requested(dev, requested)
+            dev.requested = requested
+            self._changed()
+            self.virtio_mem_run_wq(dev)
+            return dev
+
+    def virtio_mem_run_wq(self, dev: HotplugDevice) -> None:
+        """virtio_mem_run_wq(): plug or unplug the difference between requested and plugged."""
+        lockdep_assert_held(self.lock)
+        if dev.wq_active:  # virtio_mem_retry() while the work runs: this run sees the change
+            return
+        dev.wq_active = True
+        try:
+            plugged = self.virtio_mem_plugged_size(dev)
+            if dev.requested > plugged:
+                self._virtio_mem_sbm_plug_request(dev, dev.requested - plugged)
+            elif dev.requested < plugged:
+                self._virtio_mem_sbm_unplug_request(dev, plugged - dev.requested)
+        finally:
+            dev.wq_active = False
+
+    def _virtio_mem_sbm_plug_request(self, dev: HotplugDevice, diff: int) -> None:
+        """virtio_mem_sbm_plug_request(): reuse unused blocks, then prepare the next ones:
+        bottom-up through the region. Each block is plugged, then added offline (or
+        auto-onlined): add_memory_driver_managed(), never MHP_MEMMAP_ON_MEMORY."""
+        nb = diff // self.block_size
+        first = dev.start // self.block_size
+        offline = self._virtio_mem_offline_size(dev)  # kept up to date here: O(region), not O(region^2)
+        threshold = self._virtio_mem_offline_threshold()
+        for bid in range(first, first + dev.size // self.block_size):
+            if not nb:
+                return
+            if bid in self.blocks:
+                continue
+            if offline + self.block_size > threshold:  # virtio_mem_could_add_memory()
+                return  # -ENOSPC: wait until blocks get onlined (MEM_ONLINE retries)
+            self.add_memory(dev, False, start=bid * self.block_size, size=self.block_size)
+            if self.blocks[bid].state != MEM_ONLINE:  # not auto-onlined
+                offline += self.block_size
+            nb -= 1
+
+    def _virtio_mem_sbm_unplug_request(self, dev: HotplugDevice, diff: int) -> None:
+        """virtio_mem_sbm_unplug_request(): offline blocks first, then ZONE_MOVABLE ones, then
+        kernel-zone ones (5.16+; before, all online blocks alike), each from the highest block
+        down. An online block is
+        fake-offlined (alloc_contig_range(): its pages migrate away) and then goes through
+        offline_and_remove_memory(); a block that cannot be freed (-EBUSY) stays, and the
+        next candidate is tried. -EBUSY at the end if not enough could be unplugged."""
+        nb = diff // self.block_size
+        blocks = [self.blocks[b] for b in sorted(dev.block_ids, reverse=True)]
+        offline = [m for m in blocks if m.state != MEM_ONLINE]
+        online = [m for m in blocks if m.state == MEM_ONLINE]
+        if self.profile.virtio_mem_movable_first:
+            online = ([m for m in online if m.zone is not None and m.zone.is_movable]
+                      + [m for m in online if not (m.zone is not None and m.zone.is_movable)])
+        for mem in offline + online:
+            if not nb:
+                return
+            if mem.state == MEM_ONLINE:
+                try:
+                    self.device_offline(mem)
+                except OSError:
+                    continue  # busy: keep the block, try the next one
+            self._remove_blocks(dev, [mem])
+            nb -= 1
+        if nb:
+            raise OSError(errno.EBUSY, f"{dev.id}: {nb * self.block_size >> 20} MiB of "
+                                       f"{diff >> 20} MiB could not be unplugged: no other block can be "
+                                       f"offlined; {dev.id} keeps {self.virtio_mem_plugged_size(dev) >> 20} MiB")
+
+    def _virtio_mem_notify_online(self, mem: MemoryBlock) -> None:
+        """virtio_mem_memory_notifier_cb(MEM_ONLINE): start adding more memory once half
+        the offline threshold is free again, unless the work item is running already."""
+        dev = mem.device
+        if dev is None or dev.driver != "virtio_mem" or dev.wq_active or dev.id not in self.devices:
+            return
+        if dev.requested > self.virtio_mem_plugged_size(dev) and \
+                self._virtio_mem_could_add_memory(dev, self._virtio_mem_offline_threshold() // 2):
+            try:
+                self.virtio_mem_run_wq(dev)
+            except OSError:
+                pass  # the work item's errors go to its retry timer, not to whoever onlined
 
     @journaled
     def probe_store(self, addr: int) -> None:
@@ -983,6 +1158,17 @@ class Machine:
                     raise OSError(errno.EINVAL, "mixed altmap and non-altmap blocks in one range")
             elif len(blocks) != 1:
                 raise OSError(errno.EINVAL, "Refuse to remove: wrong granularity")
+        self._remove_blocks(dev, blocks)
+        del self.devices[dev.id]
+        if dev.slot is not None:
+            self.slots[dev.slot] = None
+        if dev.group is not None:
+            self.groups.pop(dev.group.id, None)
+        self._changed()
+
+    def _remove_blocks(self, dev: HotplugDevice, blocks: list[MemoryBlock]) -> None:
+        """arch_remove_memory() of offline blocks: their devices, node links and memmap go."""
+        lockdep_assert_held(self.lock)
         node = self.nodes[dev.nid]
         for mem in blocks:
             if mem.hwpoison:  # the memmap goes, and its PG_hwpoison pages leave num_poisoned_pages
@@ -991,14 +1177,17 @@ class Machine:
             mem.removed = True
             del self.blocks[mem.id]
             self.events.emit("remove", mem.devpath)
-        for aid in dev.memmap_allocs:
-            self._free_memmap(aid)
+            # added on its own (virtio-mem): its memmap goes with it
+            for aid in dev.block_memmap.pop(mem.id, ()):
+                self._free_memmap(aid)
+                dev.memmap_allocs.remove(aid)
+        gone = {mem.id for mem in blocks}
+        dev.block_ids = [b for b in dev.block_ids if b not in gone]
+        if not dev.block_ids:
+            for aid in dev.memmap_allocs:
+                self._free_memmap(aid)
+            dev.memmap_allocs.clear()
         self.nr_memmap_pages -= len(blocks) * self.sections_per_block * self.section_memmap_pages()
-        del self.devices[dev.id]
-        if dev.slot is not None:
-            self.slots[dev.slot] = None
-        if dev.group is not None:
-            self.groups.pop(dev.group.id, None)
         if not node.blocks and not node.cpus and not node.has_memory():
             node.online = False
         self._changed()
@@ -1136,6 +1325,11 @@ class Machine:
             if mem.zone is None:
                 mem.zone_used[zone.idx] = mem.zone_used.get(zone.idx, 0) + 1
             zone.used += 1
+            if not soft:  # a free page taken off the buddy: action_result(MF_MSG_BUDDY, MF_RECOVERED);
+                # soft_offline_page() never calls action_result(), so it counts nowhere
+                stats = self.mf_stats[zone.nid]
+                stats["total"] += 1
+                stats["recovered"] += 1
             self._changed()
 
     # ------------------------------------------------------------------ accounting views

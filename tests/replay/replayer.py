@@ -18,9 +18,11 @@ from memfs.machine.profiles import PROFILES, resolve_kernel
 from memfs.sysfs.kernfs import Attr, Link, Tree
 from memfs.sysfs.tree import build_tree
 
-from .traces import Dump, HostAdd, HostDel, Trace, Write
+from .traces import Dump, HostAdd, HostDel, HostResize, Trace, Write
 
 ZONES = ("DMA", "DMA32", "Normal", "Movable")
+#: the uevents memfs models; the traces also hold module, bus, driver, virtio and pci ones
+UEVENT_SUBSYSTEMS = ("memory", "container")
 
 
 #: machine descriptions of the reference guests that are not the embedded default
@@ -41,6 +43,8 @@ def machine_for(trace: Trace) -> Machine:
     arch = h.uname.split()[-2] if h.uname else "x86_64"
     cfg = load_config(MACHINES.get(arch), overrides=overrides, kernel=h.kernel_version)
     cfg.dimms = [DimmConfig(id=i, size=s) for i, s in trace.cold_dimms]
+    cfg.dimms += [DimmConfig(id=v.id, size=v.size, node=v.node or 0, driver="virtio_mem", requested=v.requested)
+                  for v in trace.cold_virtio_mem]
     return Machine(cfg)
 
 
@@ -125,6 +129,8 @@ class Replayer:
             self.machine.plug(step.size, node=step.node or 0, dev_id=step.dimm_id)
         elif isinstance(step, HostDel):
             self.machine.unplug(step.dimm_id)
+        elif isinstance(step, HostResize):
+            self.machine.resize(step.device, step.requested)
         return []
 
     # -------------------------------------------------------------- comparison
@@ -196,6 +202,7 @@ class Replayer:
         mine = [e for e in mine if not e.devpath.startswith(self.ignore_devpaths)]
         kernel = [u for u in dump.uevents if not u["DEVPATH"].startswith(self.ignore_devpaths)]
         got = [(e.action, e.devpath) for e in mine]
+        kernel = [u for u in kernel if u.get("SUBSYSTEM") in UEVENT_SUBSYSTEMS]
         want = [(u["ACTION"], u["DEVPATH"]) for u in kernel]
         if got != want:
             return [f"uevents: kernel {want}, memfs {got}"]
