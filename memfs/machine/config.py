@@ -82,6 +82,19 @@ class DimmConfig:
 
 
 @dataclass
+class StateConfig:
+    """One ``[[state]]`` entry: what was written to these blocks' ``state`` files after boot.
+
+    Applied at mount in file order through the model's own online/offline paths
+    (drivers/base/memory.c state_store() -> memory_block_change_state()), so zones,
+    spans and accounting come out as if a udev rule or an admin had made the writes.
+    """
+    blocks: list[int]
+    state: str  # offline, online, online_kernel, online_movable (the word written)
+    zone: str | None = None  # online only: the zone the blocks must end up in (checked)
+
+
+@dataclass
 class MachineConfig:
     kernel: str = DEFAULT_KERNEL
     arch: str = DEFAULT_ARCH
@@ -96,6 +109,7 @@ class MachineConfig:
     boot: BootConfig = field(default_factory=BootConfig)
     nodes: list[NodeConfig] = field(default_factory=list)
     dimms: list[DimmConfig] = field(default_factory=list)
+    states: list[StateConfig] = field(default_factory=list)
 
     @property
     def profile(self):
@@ -107,11 +121,13 @@ class MachineConfig:
 
 
 _TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "probe", "offline_latency_ms",
-             "hotplug", "boot", "node", "dimm"}
+             "hotplug", "boot", "node", "dimm", "state"}
 _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
 _NODE_KEYS = {"id", "ram", "reserved", "used", "cpus"}
 _DIMM_KEYS = {"id", "size", "node", "addr", "driver"}
+_STATE_KEYS = {"blocks", "state", "zone"}
+ZONE_NAMES = ("DMA", "DMA32", "Normal", "Movable")
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -210,6 +226,7 @@ def from_dict(raw: dict[str, Any]) -> MachineConfig:
     if not cfg.nodes:
         raise ConfigError("node: at least one [[node]] with boot RAM is needed, e.g. ram = [\"0x100000-0x40000000\"]")
     cfg.dimms = [_dimm(d, i) for i, d in enumerate(raw.get("dimm", []))]
+    cfg.states = [_state(t, i) for i, t in enumerate(raw.get("state", []))]
     validate(cfg)
     return cfg
 
@@ -273,6 +290,45 @@ def _dimm(t: dict, i: int) -> DimmConfig:
     if d.driver not in DRIVERS:
         raise ConfigError(f"{where}driver: one of {', '.join(DRIVERS)}")
     return d
+
+
+def parse_block_list(value: Any, key: str) -> list[int]:
+    """Block ids: ``32``, ``[32, 33]`` or lsmem's BLOCK column ``"0-7,32-41"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in value):
+        return list(value)
+    if isinstance(value, str) and value.strip():
+        ids: list[int] = []
+        for part in value.split(","):
+            a, sep, b = part.strip().partition("-")
+            if not a.isdigit() or (sep and not b.isdigit()) or (sep and int(b) < int(a)):
+                break
+            ids.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+        else:
+            return ids
+    raise ConfigError(f"{key}: expected block ids like 32, [32, 33] or \"0-7,32-41\", got {value!r}")
+
+
+def _state(t: dict, i: int) -> StateConfig:
+    where = f"state[{i}]."
+    _check_keys(t, _STATE_KEYS, where)
+    if "blocks" not in t or "state" not in t:
+        raise ConfigError(f"{where[:-1]}: every [[state]] needs blocks and state, "
+                          f"e.g. blocks = \"32-33\" and state = \"online_movable\"")
+    st = StateConfig(blocks=parse_block_list(t["blocks"], where + "blocks"), state=str(t["state"]))
+    if st.state not in ONLINE_TYPES:
+        raise ConfigError(f"{where}state: one of {', '.join(ONLINE_TYPES)} (the word written to memoryN/state)")
+    if "zone" in t:
+        st.zone = str(t["zone"])
+        if st.zone not in ZONE_NAMES:
+            raise ConfigError(f"{where}zone: one of {', '.join(ZONE_NAMES)}")
+        if st.state == "offline":
+            raise ConfigError(f"{where}zone: only for blocks that go online (an offline block has no zone)")
+        if (st.state == "online_movable") != (st.zone == "Movable"):
+            raise ConfigError(f"{where}zone: {st.state} cannot put a block into {st.zone}")
+    return st
 
 
 def probe_memory_block_size(cfg: MachineConfig) -> int:

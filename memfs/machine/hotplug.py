@@ -23,7 +23,7 @@ from .blocks import (
     MEM_GOING_OFFLINE, MEM_OFFLINE, MEM_ONLINE, MMOP_OFFLINE, MMOP_ONLINE, MMOP_ONLINE_KERNEL,
     MMOP_ONLINE_MOVABLE, ONLINE_TYPE_NAMES, HotplugDevice, MemoryBlock, MemoryGroup,
 )
-from .config import MachineConfig, load_config
+from .config import ConfigError, MachineConfig, StateConfig, load_config
 from .events import EventLog
 from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, make_zones
 
@@ -158,6 +158,13 @@ class Machine:
             self._reserve(self.nodes[n.id], n.reserved >> self.page_shift, low=False)
         for zone in self._all_zones():
             zone.managed = zone.present - zone.reserved_boot
+        # Boot blocks that the description takes offline go first: memfs places the booted
+        # kernel's `used` pages from the top of each node down, and a block that is offline
+        # on the described machine holds none of them.
+        early = [(i, st, [b for b in st.blocks if st.state == "offline" and b in self.blocks])
+                 for i, st in enumerate(self.cfg.states)]
+        for i, st, bids in early:
+            self._apply_state(i, st, bids)
         # Boot blocks' `add` events went out before any listener existed (userspace
         # replays them by coldplug): they use up SEQNUMs but are not kept.
         self.events.seqnum += len(self.blocks)
@@ -169,7 +176,35 @@ class Machine:
                 self.allocator.allocate(_alloc.UNMOVABLE, pages, n.id, label="kernel", order=order)
         for d in self.cfg.dimms:
             self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver)
+        for (i, st, done) in early:
+            self._apply_state(i, st, [b for b in st.blocks if b not in done])
         self.generation = 0
+
+    def _apply_state(self, i: int, st: StateConfig, bids: list[int]) -> None:
+        """One [[state]] entry: `st.state` written to each block's `state`, as state_store()
+        would take it, unless the block is in that state (and zone) already."""
+        want = ONLINE_TYPE_NAMES.index(st.state)
+        for bid in bids:
+            mem = self.blocks.get(bid)
+            if mem is None:
+                raise ConfigError(f"state[{i}].blocks: memory{bid} does not exist on this machine "
+                                  f"(it has memory{min(self.blocks)} to memory{max(self.blocks)}, with holes)")
+            try:
+                if want == MMOP_OFFLINE:
+                    self.device_offline(mem)
+                else:
+                    if mem.state == MEM_ONLINE and st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                        self.device_offline(mem)  # auto-onlined into another zone: move it
+                    if mem.state != MEM_ONLINE:
+                        mem.online_type = want
+                        self.device_online(mem)
+            except OSError as e:
+                raise ConfigError(f"state[{i}]: writing {st.state} to memory{bid}/state fails "
+                                  f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}); "
+                                  f"change the [[state]] entry or the machine") from None
+            if st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                got = mem.zone.name if mem.zone is not None else "several zones"
+                raise ConfigError(f"state[{i}]: memory{bid} goes online in {got}, not {st.zone}")
 
     def _all_zones(self) -> Iterable[Zone]:
         for node in self.nodes.values():
