@@ -179,15 +179,20 @@ def dump_tree(tree: Tree, dst: str | os.PathLike[str], release: str | None = Non
 
 
 def attribute_files(root: str | os.PathLike[str]) -> dict[str, str]:
-    """Every memory block attribute and link of a sysroot or dump: relative path -> text/target."""
+    """Every memory block attribute and link of a sysroot or dump, and each node's memory
+    links and MemTotal/MemFree/MemUsed: relative path -> text or link target."""
     out: dict[str, str] = {}
     src = _fs_source(Path(root))
     for rel, k in _walk(src):
-        if not rel.startswith(_MEM + "/") and not rel.startswith(_NODE + "/node"):
+        if not rel.startswith(_MEM + "/") and not rel.startswith(_NODE + "/node") or rel.endswith("/cpulist"):
             continue
         if k == "f":
             data = src.read(rel)
-            out[rel] = data.decode() if data is not None else "<unreadable>"
+            text = data.decode() if data is not None else "<unreadable>"
+            if rel.endswith("/meminfo"):  # the rest is the running system's, not the memory layout's
+                text = "".join(ln + "\n" for ln in text.splitlines()
+                               if re.match(r"Node \d+ Mem(Total|Free|Used):", ln))
+            out[rel] = text
         elif k == "l":
             out[rel] = "-> " + src.link(rel)
     return out
