@@ -42,7 +42,7 @@ memfs_system_packages() {
         fi
     fi
     if [ "${1:-}" = test ]; then
-        pkgs+=(udev systemd)  # udevadm/systemd-udevd, systemd-analyze
+        pkgs+=(udev systemd numactl)  # udevadm/systemd-udevd, systemd-analyze; numactl reads the node tree
     fi
     memfs_apt_install "${pkgs[@]}"
 }

@@ -132,7 +132,8 @@ class Machine:
     def _boot(self) -> None:
         arch = self.arch
         for n in self.cfg.nodes:
-            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus)
+            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus,
+                        cpu_ids=tuple(n.cpu_ids))
             node.online = bool(n.ram) or n.cpus
             self.nodes[n.id] = node
         present_sections: set[int] = set()
@@ -560,7 +561,8 @@ class Machine:
 
     def _find_free_range(self, size: int) -> int:
         """QEMU's first fit in the device-memory window."""
-        base, end = self.cfg.hotplug_base, self.cfg.hotplug_base + self.cfg.hotplug_size
+        base = int(self.cfg.hotplug_base)
+        end = base + self.cfg.hotplug_size
         addr = base
         for s, e in sorted((d.start, d.start + d.size) for d in self.devices.values()):
             if e <= addr:
@@ -666,6 +668,11 @@ class Machine:
             if node not in self.nodes:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
             slot = None
+            if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
+                raise OSError(errno.EOPNOTSUPP,
+                              "this kernel has no ACPI memory hotplug (CONFIG_ACPI_HOTPLUG_MEMORY is not set, as in "
+                              "Debian's arm64 kernels): a DIMM never becomes memory; hot-add with --driver virtio_mem "
+                              "or --driver dax_kmem")
             if driver == "acpi":
                 slot = next((i for i, d in enumerate(self.slots) if d is None), None)
                 if slot is None:
@@ -897,6 +904,16 @@ class Machine:
             self._changed()
 
     # ------------------------------------------------------------------ accounting views
+    def node_distance(self, a: int, b: int) -> int:
+        """__node_distance(): the description's SLIT row, else LOCAL_DISTANCE/REMOTE_DISTANCE."""
+        row = next(n.distance for n in self.cfg.nodes if n.id == a)
+        if row:
+            return row[sorted(self.nodes).index(b)]
+        return 10 if a == b else 20
+
+    def nr_cpu_ids(self) -> int:
+        return max((c for n in self.nodes.values() for c in n.cpu_ids), default=0) + 1
+
     def normal_memory_nodes(self) -> list[int]:
         """N_NORMAL_MEMORY: up to 6.16 hotplug keeps it in step with the kernel zones."""
         if self.profile.toggles_normal_memory:

@@ -79,6 +79,7 @@ class Node:
     id: int
     zones: list[Zone]
     cpus: bool = True
+    cpu_ids: tuple[int, ...] = ()  # nodeN/cpulist
     online: bool = False
     # memory block ids linked to this node (sysfs nodeN/memoryM), insertion-ordered set
     blocks: dict[int, None] = field(default_factory=dict)
