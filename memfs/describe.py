@@ -69,6 +69,8 @@ class Dump:
     possible_nodes: list[int] | None
     has_cpu: list[int] | None
     node_used_kb: dict[int, int]  # nodeN/meminfo MemUsed
+    node_cpulist: dict[int, str]  # nodeN/cpulist
+    node_distance: dict[int, list[int]]  # nodeN/distance
     zone_managed: dict[int, int]  # per node, sum of zoneinfo managed
     iomem: list[tuple[int, int, str, int]]  # (start, end exclusive, name, depth)
     firmware_ram: list[tuple[int, int]]  # firmware memmap "System RAM", end exclusive
@@ -185,13 +187,22 @@ def read_dump(root: str | os.PathLike[str]) -> Dump:
         raise DescribeError(f"{mem} has no memoryN directories")
     params = {p: t.strip() for p in _listdir(root / PARAMS) if (t := _read(root / PARAMS / p)) is not None}
     used: dict[int, int] = {}
+    cpulist: dict[int, str] = {}
+    distance: dict[int, list[int]] = {}
     node_dir = root / NODE
     for name in _listdir(node_dir):
         if re.fullmatch(r"node\d+", name):
+            nid = int(name[4:])
             mi = _read(node_dir / name / "meminfo") or ""
             m = re.search(r"MemUsed:\s+(\d+) kB", mi)
             if m:
-                used[int(name[4:])] = int(m.group(1))
+                used[nid] = int(m.group(1))
+            cl = _read(node_dir / name / "cpulist")
+            if cl is not None:
+                cpulist[nid] = cl.strip()
+            dist = (_read(node_dir / name / "distance") or "").split()
+            if dist and all(x.isdigit() for x in dist):
+                distance[nid] = [int(x) for x in dist]
     firmware: list[tuple[int, int]] = []
     fw = root / "sys/firmware/memmap"
     for e in _listdir(fw):
@@ -213,7 +224,7 @@ def read_dump(root: str | os.PathLike[str]) -> Dump:
                 probe=os.path.lexists(mem / "probe"), params=params,
                 possible_nodes=parse_list(_read(node_dir / "possible")),
                 has_cpu=parse_list(_read(node_dir / "has_cpu")),
-                node_used_kb=used, zone_managed=_zoneinfo_managed(_read(root / "proc/zoneinfo")),
+                node_used_kb=used, node_cpulist=cpulist, node_distance=distance, zone_managed=_zoneinfo_managed(_read(root / "proc/zoneinfo")),
                 iomem=_iomem(_read(root / "proc/iomem")), firmware_ram=sorted(firmware),
                 release=text("proc/sys/kernel/osrelease"), arch=text("proc/sys/kernel/arch"),
                 cmdline=text("proc/cmdline"), acpi_slots=len(acpi))
@@ -459,17 +470,21 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
         boot["auto_movable_numa_aware"] = p["auto_movable_numa_aware"] == "Y"
     boot["movable_node"] = movable_node
     for nid in node_ids:
-        raw["node"].append({"id": nid, "ram": [f"{s:#x}-{e:#x}" for s, e in per_node.get(nid, [])],
-                            "reserved": 0, "used": 0,
-                            "cpus": (nid in has_cpu) if has_cpu is not None else True})
+        cpus: bool | str = (nid in has_cpu) if has_cpu is not None else True
+        if nid in dump.node_cpulist:
+            cpus = dump.node_cpulist[nid] or False  # nodeN/cpulist, "%*pbl"
+        node: dict = {"id": nid, "ram": [f"{s:#x}-{e:#x}" for s, e in per_node.get(nid, [])],
+                      "reserved": 0, "used": 0, "cpus": cpus}
+        dist = dump.node_distance.get(nid)
+        if dist is not None and len(dist) == len(node_ids) and len(node_ids) > 1:
+            node["distance"] = dist  # the SLIT row, one per node in id order (online nodes only in sysfs)
+        raw["node"].append(node)
     acpi = [d for d in devs if d.driver == "acpi"]
     slots = max([dump.acpi_slots, len(acpi)] + [int(d.id[4:]) for d in acpi])
-    boot_end = max((e for s, e in ram), default=0)
-    base = max(4 * GiB, -(-boot_end // GiB) * GiB)  # QEMU: device memory after RAM above 4G, 1G aligned
-    base = -(-base // bs) * bs
-    dev_end = max((d.start + d.size for d in devs), default=0)
-    size = max(23 * GiB, -(-(dev_end - base) // bs) * bs)
-    raw["hotplug"] = {"base": base, "size": size, "slots": slots}
+    # the window: where QEMU puts device memory (base "auto"); its size is not in sysfs
+    raw["hotplug"] = {"size": 23 * GiB, "slots": slots}
+    if arch.startswith("arm64") and acpi:
+        raw["acpi_memory_hotplug"] = True  # ACPI memory devices exist: the kernel has the driver
     for d in sorted(devs, key=lambda d: (d.driver != "acpi", d.id if d.driver != "acpi" else f"{int(d.id[4:]):04d}")):
         raw["dimm"].append({"id": d.id, "size": d.size, "node": d.node, "addr": d.start, "driver": d.driver})
 
@@ -479,6 +494,11 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
 
     try:
         m0 = build(raw)
+        base = int(m0.cfg.hotplug_base)
+        dev_end = max((d.start + d.size for d in devs), default=0)
+        if dev_end > base + raw["hotplug"]["size"]:  # the devices show the window is larger
+            raw["hotplug"]["size"] = -(-(dev_end - base) // bs) * bs
+            m0 = build(raw)
     except ConfigError as e:
         raise DescribeError(f"the machine read from {dump.root} cannot be booted by memfs: {e}") from None
     offline, online = [], []
@@ -592,12 +612,13 @@ def render(raw: dict, dump: Dump, notes: list[str], differences: list[str], rele
             "#   memmap_on_memory (memfs follows the boot parameter and the profile), the size of",
             "#   the hotplug window (QEMU: maxmem - RAM)",
             ""]
-    for k in ("kernel", "arch", "block_size", "probe"):
-        v = raw[k]
-        out.append(f"{k} = {_fmt_size(v) if k == 'block_size' else _toml_value(v)}")
+    for k in ("kernel", "arch", "block_size", "probe", "acpi_memory_hotplug"):
+        if k in raw:
+            v = raw[k]
+            out.append(f"{k} = {_fmt_size(v) if k == 'block_size' else _toml_value(v)}")
     hp = raw["hotplug"]
-    out += ["", "[hotplug]", f"base = {_fmt_size(hp['base'])}", f"size = {_fmt_size(hp['size'])}",
-            f"slots = {hp['slots']}", "", "[boot]"]
+    out += ["", "[hotplug]", "base = \"auto\"    # where QEMU puts device memory: after boot RAM, 1G aligned",
+            f"size = {_fmt_size(hp['size'])}", f"slots = {hp['slots']}", "", "[boot]"]
     for k, v in raw["boot"].items():
         out.append(f"{k} = {_toml_value(v)}")
     for n in raw["node"]:
@@ -606,6 +627,8 @@ def render(raw: dict, dump: Dump, notes: list[str], differences: list[str], rele
                 f"reserved = {n['reserved']}    # bytes: boot memory present but not managed",
                 f"used = {n['used']}    # bytes: managed boot memory in use (MemUsed)",
                 f"cpus = {_toml_value(n['cpus'])}"]
+        if "distance" in n:
+            out.append(f"distance = {_toml_value(n['distance'])}")
     for d in raw["dimm"]:
         out += ["", "[[dimm]]", f"id = {_toml_value(d['id'])}", f"size = {_fmt_size(d['size'])}",
                 f"node = {d['node']}", f"addr = \"{d['addr']:#x}\"", f"driver = {_toml_value(d['driver'])}"]
