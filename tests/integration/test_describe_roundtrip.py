@@ -101,6 +101,18 @@ def test_this_machine_round_trips(memfs_mount, tmp_path):
     check_roundtrip(memfs_mount, dump, tmp_path, live=True)
 
 
+def test_a_state_the_machine_refuses_is_a_description_error(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text(Path(__file__).parents[2].joinpath("memfs/data/default.toml").read_text()
+                      + '\n[[state]]\nblocks = "0"\nstate = "offline"\n')
+    mnt = tmp_path / "mnt"
+    r = memfs_cli("mount", str(mnt), "--config", str(config), "--no-sandbox")
+    assert r.returncode == 2
+    assert r.stderr == (f"memfs: cannot mount {mnt}: state[0]: writing offline to memory0/state fails "
+                        f"(EINVAL: memory0 spans multiple zones); change the [[state]] entry or the machine\n")
+    assert not os.path.ismount(mnt)
+
+
 WRITING_SYSCALLS = ("open", "openat", "openat2", "creat", "mkdir", "mkdirat", "unlink", "unlinkat", "rename",
                     "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat", "truncate", "ftruncate",
                     "chmod", "fchmod", "fchmodat", "chown", "fchown", "fchownat", "lchown", "utimensat",
