@@ -103,6 +103,7 @@ class DimmConfig:
     node: int = 0
     addr: int | None = None
     driver: str = "acpi"
+    slot: int | None = None  # ACPI: the PNP0C80 instance (memoryN/firmware_node); None: first free
 
 
 @dataclass
@@ -157,7 +158,7 @@ _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
 _NODE_KEYS = {"id", "ram", "nomap", "reserved", "used", "cpus", "distance"}
 _RESERVE_KEYS = {"range", "kind"}
-_DIMM_KEYS = {"id", "size", "node", "addr", "driver"}
+_DIMM_KEYS = {"id", "size", "node", "addr", "driver", "slot"}
 _STATE_KEYS = {"blocks", "state", "zone"}
 ZONE_NAMES = ("DMA", "DMA32", "Normal", "Movable")
 
@@ -358,6 +359,10 @@ def _dimm(t: dict, i: int) -> DimmConfig:
     d.driver = str(t.get("driver", "acpi"))
     if d.driver not in DRIVERS:
         raise ConfigError(f"{where}driver: one of {', '.join(DRIVERS)}")
+    if "slot" in t:
+        d.slot = _int(t["slot"], where + "slot")
+        if d.driver != "acpi":
+            raise ConfigError(f"{where}slot: only ACPI DIMMs (driver = \"acpi\") sit in a slot")
     return d
 
 
@@ -528,6 +533,15 @@ def validate(cfg: MachineConfig) -> None:
                           "CONFIG_ACPI_HOTPLUG_MEMORY); use driver = \"virtio_mem\" or \"dax_kmem\"")
     if len([d for d in cfg.dimms if d.driver == "acpi"]) > cfg.slots:
         raise ConfigError(f"hotplug.slots: {cfg.slots} slots cannot hold the {len(cfg.dimms)} ACPI DIMMs")
+    taken: dict[int, str] = {}
+    for d in cfg.dimms:
+        if d.slot is None:
+            continue
+        if not 0 <= d.slot < cfg.slots:
+            raise ConfigError(f"dimm {d.id!r}: slot {d.slot} is not one of the {cfg.slots} slots (0-{cfg.slots - 1})")
+        if d.slot in taken:
+            raise ConfigError(f"dimm {d.id!r}: slot {d.slot} holds {taken[d.slot]!r} already")
+        taken[d.slot] = d.id
     spans.sort()
     for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
         if s2 < e1:

@@ -176,7 +176,7 @@ class Machine:
                          if b.nid == n.id and b.free > 0]
                 self.allocator.allocate(_alloc.UNMOVABLE, pages, n.id, label="kernel", order=order)
         for d in self.cfg.dimms:
-            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver)
+            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver, slot=d.slot)
         for (i, st, done) in early:
             self._apply_state(i, st, [b for b in st.blocks if b not in done])
         self.generation = 0
@@ -652,7 +652,7 @@ class Machine:
 
     @journaled
     def plug(self, size: int, node: int = 0, addr: int | None = None, dev_id: str | None = None,
-             driver: str = "acpi", memmap_on_memory: bool = False) -> HotplugDevice:
+             driver: str = "acpi", memmap_on_memory: bool = False, slot: int | None = None) -> HotplugDevice:
         """Hot-add a device, like QEMU's device_add (acpi) or a driver binding."""
         with self.lock:
             if dev_id is None:
@@ -667,13 +667,17 @@ class Machine:
                 raise OSError(errno.EINVAL, f"size {size:#x} is not a multiple of the block size {self.block_size:#x}")
             if node not in self.nodes:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
-            slot = None
+            if driver != "acpi":
+                slot = None
             if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
                 raise OSError(errno.EOPNOTSUPP,
                               "this kernel has no ACPI memory hotplug (CONFIG_ACPI_HOTPLUG_MEMORY is not set, as in "
                               "Debian's arm64 kernels): a DIMM never becomes memory; hot-add with --driver virtio_mem "
                               "or --driver dax_kmem")
-            if driver == "acpi":
+            if driver == "acpi" and slot is not None:  # a cold-plugged DIMM in the description's slot
+                if not 0 <= slot < len(self.slots) or self.slots[slot] is not None:
+                    raise OSError(errno.EBUSY, f"DIMM slot {slot} is taken or does not exist")
+            elif driver == "acpi":
                 slot = next((i for i, d in enumerate(self.slots) if d is None), None)
                 if slot is None:
                     raise OSError(errno.ENOSPC, f"all {len(self.slots)} DIMM slots are populated")

@@ -106,3 +106,27 @@ def test_plain_online_takes_the_default_zone():
 def test_impossible_states_are_refused_naming_the_entry(states, message):
     with pytest.raises(ConfigError, match=message):
         Machine(from_dict(with_states(states)))
+
+
+# ---------------------------------------------------------------- [[dimm]] slot
+def test_a_dimm_sits_in_the_slot_the_description_gives():
+    d = with_states([])
+    d["dimm"] = [{"id": "dimm3", "size": "1G", "slot": 2}, {"id": "dimm4", "size": "128M"}]
+    m = Machine(from_dict(d))
+    assert [(x.id, x.slot) for x in m.devices.values()] == [("dimm3", 2), ("dimm4", 0)]
+    s = Sysroot(m)
+    assert s.tree.resolve(f"{MEM}/memory32/firmware_node").target.endswith("/PNP0C80:02")
+    assert s.read("/sys/devices/LNXSYSTM:00/LNXSYBUS:00/PNP0A06:04/PNP0C80:01/status") == "0\n"  # empty
+
+
+@pytest.mark.parametrize("dimms, message", [
+    ([{"size": "128M", "slot": 8}], r"^dimm 'dimm1': slot 8 is not one of the 8 slots \(0-7\)$"),
+    ([{"size": "128M", "slot": 1}, {"size": "128M", "slot": 1}], r"^dimm 'dimm2': slot 1 holds 'dimm1' already$"),
+    ([{"size": "128M", "slot": 1, "driver": "virtio_mem"}],
+     r"^dimm\[0\]\.slot: only ACPI DIMMs \(driver = \"acpi\"\) sit in a slot$"),
+])
+def test_impossible_slots_are_refused(dimms, message):
+    d = with_states([])
+    d["dimm"] = dimms
+    with pytest.raises(ConfigError, match=message):
+        from_dict(d)
