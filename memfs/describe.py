@@ -486,7 +486,10 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
     if arch.startswith("arm64") and acpi:
         raw["acpi_memory_hotplug"] = True  # ACPI memory devices exist: the kernel has the driver
     for d in sorted(devs, key=lambda d: (d.driver != "acpi", d.id if d.driver != "acpi" else f"{int(d.id[4:]):04d}")):
-        raw["dimm"].append({"id": d.id, "size": d.size, "node": d.node, "addr": d.start, "driver": d.driver})
+        dimm = {"id": d.id, "size": d.size, "node": d.node, "addr": d.start, "driver": d.driver}
+        if d.driver == "acpi":
+            dimm["slot"] = int(d.id[4:]) - 1  # PNP0C80:NN of its firmware_node
+        raw["dimm"].append(dimm)
 
     # [[state]]: every block whose state or zone differs from the machine as booted
     def build(r: dict) -> Machine:
@@ -576,6 +579,10 @@ def compare(dump: Dump, m: Machine) -> list[str]:
             got = tree.resolve(f"/{MEMORY}/memory{bid}/{f}").show()
             if got != want:
                 diffs.append(f"memory{bid}/{f}: {want.strip()!r} here, {got.strip()!r} in memfs")
+        mem = m.blocks[bid]
+        got_slot = mem.device.slot if mem.device is not None else None
+        if blk.acpi_slot != got_slot:
+            diffs.append(f"memory{bid}: ACPI slot {blk.acpi_slot} here, {got_slot} in memfs (firmware_node)")
         got_nodes = sorted(m.blocks[bid].nids)
         if blk.nodes and got_nodes != blk.nodes:
             diffs.append(f"memory{bid}: node links {blk.nodes} here, {got_nodes} in memfs")
@@ -632,6 +639,8 @@ def render(raw: dict, dump: Dump, notes: list[str], differences: list[str], rele
     for d in raw["dimm"]:
         out += ["", "[[dimm]]", f"id = {_toml_value(d['id'])}", f"size = {_fmt_size(d['size'])}",
                 f"node = {d['node']}", f"addr = \"{d['addr']:#x}\"", f"driver = {_toml_value(d['driver'])}"]
+        if "slot" in d:
+            out.append(f"slot = {d['slot']}")
     if raw["state"]:
         out += ["", "# The blocks' state after boot, written to memoryN/state in this order at mount"]
     for st in raw["state"]:

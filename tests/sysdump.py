@@ -196,3 +196,72 @@ def attribute_files(root: str | os.PathLike[str]) -> dict[str, str]:
         elif k == "l":
             out[rel] = "-> " + src.link(rel)
     return out
+
+
+def dump_from_trace(text: str, dst: str | os.PathLike[str], arch: str) -> int:
+    """A dump directory from one dump of a reference trace (the guest's data-port format:
+    ``@@F PATH rc=N`` / content / ``@@E``, ``@@L PATH TARGET``, ``@@NODELINKS DIR NAMES``).
+    ``/proc/iomem(RAM)`` is the RAM lines of /proc/iomem; the kernel release and command
+    line come from the boot messages (``dmesg-new``) when the dump has them."""
+    dst = Path(dst)
+    n = 0
+    lines = text.splitlines()
+    i = 0
+
+    def put(rel: str, data: str) -> None:
+        p = dst / rel.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(data)
+
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("@@F "):
+            path, rc = ln[4:].rsplit(" rc=", 1)
+            j = lines.index("@@E", i + 1)
+            body = "".join(x + "\n" for x in lines[i + 1:j])
+            i = j + 1
+            if path == "/proc/iomem(RAM)":
+                path = "/proc/iomem"
+            elif path == "dmesg-new":
+                m = re.search(r"Linux version (\S+)", body)
+                if m:
+                    put("proc/sys/kernel/osrelease", m.group(1) + "\n")
+                m = re.search(r"Command line: (.*)", body)
+                if m:
+                    put("proc/cmdline", m.group(1) + "\n")
+                continue
+            if rc != "0" or not path.startswith(("/sys/", "/proc/")) or "(" in path:
+                continue
+            put(path, body)
+            n += 1
+            continue
+        if ln.startswith("@@L "):
+            _, path, target = ln.split(" ", 2)
+            p = dst / path.lstrip("/")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, p)
+        elif ln.startswith("@@NODELINKS "):
+            _, d, *names = ln.split()
+            for name in names:
+                p = dst / d.lstrip("/") / name
+                p.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(f"../../memory/{name}", p)
+        i += 1
+    put("proc/sys/kernel/arch", arch + "\n")
+    return n
+
+
+def trace_dumps(data_log: str) -> dict[int, tuple[str, str]]:
+    """The dumps of a reference trace's data.log: number -> (label, text)."""
+    out: dict[int, tuple[str, str]] = {}
+    cur: tuple[int, str, list[str]] | None = None
+    for ln in data_log.splitlines():
+        if ln.startswith("@@DUMP_BEGIN "):
+            _, num, label = ln.split(" ", 2)
+            cur = (int(num), label, [])
+        elif ln.startswith("@@DUMP_END ") and cur is not None:
+            out[cur[0]] = (cur[1], "\n".join(cur[2]) + "\n")
+            cur = None
+        elif cur is not None:
+            cur[2].append(ln)
+    return out
