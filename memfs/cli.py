@@ -45,19 +45,20 @@ def _size(text: str, what: str) -> int:
 
 def _load_config(a: argparse.Namespace) -> None:
     """Check the machine description before starting anything (exit 2 if it is wrong)."""
-    from .machine.config import ConfigError, load_config, parse_set_value
-    overrides = {}
-    for kv in a.set:
-        k, sep, v = kv.partition("=")
-        if not sep or not k.strip():
-            raise Fail(EXIT_USAGE, f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
-        overrides[k.strip()] = parse_set_value(v)
+    from .machine.config import ConfigError, load_config, parse_sets
     try:
-        load_config(a.config, overrides=overrides, kernel=a.kernel)
+        overrides = parse_sets(a.set)
+    except ConfigError as e:
+        raise Fail(EXIT_USAGE, str(e)) from None
+    try:
+        cfg = load_config(a.config, overrides=overrides, kernel=a.kernel)
     except ConfigError as e:
         raise Fail(EXIT_USAGE, f"{a.config or 'default machine'}: {e}") from None
     except OSError as e:
         raise Fail(EXIT_USAGE, f"cannot read the machine description {a.config}: {e.strerror}") from None
+    if a.kernel and a.kernel.strip() != cfg.kernel:  # a release string: say which profile covers it
+        from .machine.profiles import resolve_kernel
+        print(f"memfs: note: {resolve_kernel(a.kernel)[1]}", file=sys.stderr)
 
 
 def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
@@ -72,7 +73,7 @@ def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
         args += ["--state", os.path.abspath(a.state)]
     if a.control_mode is not None:
         args += ["--control-mode", f"{a.control_mode:o}"]
-    from .sandbox_cli import daemon_args  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import daemon_args  # sandbox hook (memfs/sandbox/cli.py)
     args += daemon_args(a)
     return args
 
@@ -217,7 +218,13 @@ def cmd_plug(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"device": r["device"], "blocks": r["blocks"]}, indent=2))
     else:
-        print(f"{r['device']['id']}: " + " ".join(f"memory{b['id']} ({b['state']})" for b in r["blocks"]))
+        print(f"{r['device']['id']}: " + (" ".join(f"memory{b['id']} ({b['state']})" for b in r["blocks"])
+                                           or "(no memory blocks)"))
+        if not r["blocks"] and r["device"]["driver"] == "acpi":
+            print(f"memfs: {r['device']['id']} sits in its ACPI slot but gives no memory: this kernel has no "
+                  f"ACPI memory hotplug (CONFIG_ACPI_HOTPLUG_MEMORY is not set, as in Debian's arm64 kernels); "
+                  f"remove it with: memfs unplug {a.mountpoint} {r['device']['id']}; hot-add with --driver virtio_mem "
+                  f"or --driver dax_kmem", file=sys.stderr)
     return EXIT_OK
 
 
@@ -316,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("mount", cmd_mount, "mount a machine at MNT; returns once the mount serves")
     sp.add_argument("--config", metavar="FILE", help="machine description (TOML); default: the embedded machine")
-    sp.add_argument("--kernel", metavar="V", help="kernel profile, e.g. 6.1 or 6.8 (overrides the file's kernel)")
+    sp.add_argument("--kernel", metavar="V", help="kernel profile (e.g. 6.1, 6.12, 7.2) or a release such as 6.12.117+deb13-amd64, "
+                         "which picks the newest profile not newer than it (overrides the file's kernel)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one key of the description, e.g. --set boot.memhp_default_state=online "
                          "(VALUE in TOML syntax, or a bare string); repeatable")
@@ -333,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",
                     help="seconds to wait for the mount to serve (default 30)")
     sp.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
-    from .sandbox_cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    from .sandbox.cli import add_commands, add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(sp)
 
     sp = cmd("umount", cmd_umount, "unmount MNT and stop its daemon (also removes a dead memfs mount)")
@@ -341,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the daemon to exit (default 15)")
 
     sp = cmd("status", cmd_status, "zones, devices and a memory map of the machine at MNT")
-    sp.add_argument("--json", action="store_true", help="print the status object (keys: see README)")
+    sp.add_argument("--json", action="store_true", help="print the status object (keys: see docs/cli.md)")
 
     sp = cmd("plug", cmd_plug, "hot-add a memory device; prints its id and new blocks")
     sp.add_argument("--size", required=True, metavar="SIZE", help="e.g. 128M, 1G, 0x8000000 (block-size multiple)")
@@ -394,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kernel", metavar="V",
                     help="kernel profile, e.g. 6.1 (default: the newest profile not newer than the release)")
 
-    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox_cli.py)
+    add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox/cli.py)
     return p
 
 

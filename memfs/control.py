@@ -45,7 +45,7 @@ import stat
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,9 @@ class Handler:
         self.state = state  # memfs.persist.StateFile, or None
         self.on_shutdown = on_shutdown
         self.shutdown_requested = False
+        # Wraps every op: the daemon sets the FUSE invalidator's collect(), so that the
+        # kernel's cached copies of what the op changed are dropped before the reply.
+        self.around_op: Callable[[], ContextManager[None]] = contextlib.nullcontext
 
     def handle_line(self, line: bytes | str) -> dict[str, Any]:
         req: Any = None
@@ -192,7 +195,9 @@ class Handler:
             if unknown:
                 raise BadRequest(f"{op}: unknown field(s) {', '.join(sorted(unknown))}; "
                                  f"allowed: {', '.join(sorted(_FIELDS[op])) or 'none'}")
-            reply = {"ok": True, **getattr(self, "op_" + op)(req)}
+            with self.around_op():
+                result = getattr(self, "op_" + op)(req)
+            reply = {"ok": True, **result}
             if op in _LOGGED:
                 log.info("%s: ok", json.dumps(req, sort_keys=True))
             return reply

@@ -26,7 +26,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -35,10 +34,10 @@ import threading
 from typing import Any
 
 from . import control
+from .mountinfo import FSTYPE, mounts_at
 
 log = logging.getLogger("memfs.daemon")
 
-FSTYPE = "fuse.memfs"
 #: never mount over these (memfs must not hide the real sysfs/procfs)
 FORBIDDEN = ("/", "/sys", "/proc", "/dev", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib")
 
@@ -48,23 +47,6 @@ class MountError(Exception):
 
 
 # ---------------------------------------------------------------------- mount table
-
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def mounts_at(path: str | os.PathLike[str]) -> list[str]:
-    """fstypes of everything mounted at ``path`` (bottom to top), from /proc/self/mountinfo."""
-    target = os.path.realpath(path)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fields = pre.split()
-            if len(fields) >= 5 and _unescape(fields[4]) == target:
-                out.append(post.split()[0] if post else "?")
-    return out
-
 
 def probe(path: str, timeout: float = 5.0) -> str:
     """"alive" if the filesystem at ``path`` answers, "dead" if its FUSE connection is gone
@@ -197,9 +179,9 @@ def take_lock(path: str, mnt: str) -> int:
 def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         sets: list[str] | None = None, state: str | None = None, control_mode: int = control.DEFAULT_MODE,
         ready_fd: int | None = None, debug: bool = False, sandbox: str = "auto",
-        uevent_helper: str | None = None) -> int:
+        uevent_helper: str | None = None, inc_epoch: bool = True) -> int:
     """Serve one machine at ``mnt`` until unmounted; returns the exit code."""
-    from .machine.config import ConfigError, load_config, parse_set_value
+    from .machine.config import ConfigError, load_config, parse_sets
 
     ready = Readiness(ready_fd)
     mnt = os.path.realpath(mnt)
@@ -208,20 +190,15 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
     state_file: Any = None  # memfs.persist.StateFile with --state
     try:
         try:
-            overrides = {}
-            for kv in sets or []:
-                k, sep, v = kv.partition("=")
-                if not sep or not k:
-                    raise ConfigError(f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
-                overrides[k.strip()] = parse_set_value(v)
-            cfg = load_config(config, overrides=overrides, kernel=kernel)
+            cfg = load_config(config, overrides=parse_sets(sets or []), kernel=kernel)
         except (ConfigError, OSError) as e:
             msg = str(e) if isinstance(e, ConfigError) else f"cannot read {config}: {e.strerror}"
             ready.error(2, msg)
             log.error("%s", msg)
             return 2
-        from .fuse import serve
+        from .fuse import Invalidator, serve
         from .machine.hotplug import Machine
+        from .sysfs.changes import watch_machine
         from .sysfs.tree import build_tree
 
         paths = control.paths_in(control.choose_run_dir(), mnt)
@@ -252,9 +229,10 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
                                   state=state_file)
         server = control.ControlServer(handler, paths["sock"], control_mode)
         server.bind()
-        # sandbox hook (memfs/sandbox_cli.py): namespaces + uevent delivery, started once FUSE serves
-        from .sandbox_cli import DaemonSandbox
+        # sandbox hook (memfs/sandbox/service.py): namespaces + uevent delivery, started once FUSE serves
+        from .sandbox.service import DaemonSandbox
         sandbox_hook = DaemonSandbox(machine, mnt, paths["sock"], mode=sandbox, uevent_helper=uevent_helper)
+        handler.info["sandbox"] = sandbox_hook.status   # memfs status shows it (updated in place)
         # Only the main thread may take SIGTERM/SIGINT/SIGHUP: libfuse's handler must
         # interrupt the main loop's wait (its worker threads block every signal).
         stop = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -294,9 +272,16 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
                 os.kill(os.getpid(), signal.SIGTERM)
         threading.Thread(target=start_sandbox, name="memfs-sandbox-start", daemon=True).start()
 
+    def watch(inv: Invalidator) -> None:
+        # every change of the machine drops the kernel's cached copies of what it
+        # altered; a control op drops them before it is answered
+        watch_machine(machine, inv)
+        handler.around_op = inv.collect
+
     code = 0
     try:
-        serve(tree, mnt, ready=on_ready, debug=debug, watch=machine.listeners.append)
+        serve(tree, mnt, ready=on_ready, debug=debug, watch=watch, lock=machine.lock,
+              epoch=None if inc_epoch else False)
     except RuntimeError as e:
         code = 1
         if not ready.ready:
@@ -343,13 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-mode", type=parse_mode, default=control.DEFAULT_MODE)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
-    from .sandbox_cli import add_daemon_arguments  # sandbox hook (memfs/sandbox_cli.py)
+    p.add_argument("--no-inc-epoch", dest="inc_epoch", action="store_false",
+                   help="drop vanished entries with FUSE_NOTIFY_INVAL_ENTRY, as on kernels "
+                        "before 6.16, even where FUSE_NOTIFY_INC_EPOCH exists (tests)")
+    from .sandbox.cli import add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a.debug)
     return run(a.mountpoint, config=a.config, kernel=a.kernel, sets=a.set, state=a.state,
                control_mode=a.control_mode, ready_fd=a.ready_fd, debug=a.debug,
-               sandbox=a.sandbox, uevent_helper=a.uevent_helper)
+               sandbox=a.sandbox, uevent_helper=a.uevent_helper, inc_epoch=a.inc_epoch)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .machine.config import ConfigError, from_dict
 from .machine.hotplug import Machine
-from .machine.profiles import ARCHES, PROFILES, GiB
+from .machine.profiles import ARCHES, PROFILES, GiB, resolve_kernel
 
 MEMORY = "sys/devices/system/memory"
 NODE = "sys/devices/system/node"
@@ -71,7 +71,12 @@ class Dump:
     node_used_kb: dict[int, int]  # nodeN/meminfo MemUsed
     node_cpulist: dict[int, str]  # nodeN/cpulist
     node_distance: dict[int, list[int]]  # nodeN/distance
-    zone_managed: dict[int, int]  # per node, sum of zoneinfo managed
+    zones: dict[int, list[dict[str, int]]]  # proc/zoneinfo: per node, each zone's numbers
+
+    @property
+    def zone_managed(self) -> dict[int, int]:
+        """Per node, the sum of its zones' managed pages."""
+        return {nid: sum(z.get("managed", 0) for z in zs) for nid, zs in self.zones.items()}
     iomem: list[tuple[int, int, str, int]]  # (start, end exclusive, name, depth)
     firmware_ram: list[tuple[int, int]]  # firmware memmap "System RAM", end exclusive
     release: str | None
@@ -133,19 +138,20 @@ def _iomem(text: str | None) -> list[tuple[int, int, str, int]]:
     return out
 
 
-def _zoneinfo_managed(text: str | None) -> dict[int, int]:
-    managed: dict[int, int] = {}
-    nid = None
+def _zoneinfo(text: str | None) -> dict[int, list[dict[str, int]]]:
+    """Per node, its zones' spanned/present/managed/start_pfn (mm/vmstat.c zoneinfo_show())."""
+    zones: dict[int, list[dict[str, int]]] = {}
+    cur: dict[str, int] | None = None
     for line in (text or "").splitlines():
         m = re.match(r"^Node (\d+), zone\s+\S+", line)
         if m:
-            nid = int(m.group(1))
-            managed.setdefault(nid, 0)
+            cur = {}
+            zones.setdefault(int(m.group(1)), []).append(cur)
             continue
-        m = re.match(r"^\s+managed\s+(\d+)", line)
-        if m and nid is not None:
-            managed[nid] += int(m.group(1))
-    return managed
+        m = re.match(r"^\s+(spanned|present|managed)\s+(\d+)$", line) or re.match(r"^\s+(start_pfn):\s+(\d+)$", line)
+        if m and cur is not None:
+            cur[m.group(1)] = int(m.group(2))
+    return zones
 
 
 def read_dump(root: str | os.PathLike[str]) -> Dump:
@@ -224,7 +230,7 @@ def read_dump(root: str | os.PathLike[str]) -> Dump:
                 probe=os.path.lexists(mem / "probe"), params=params,
                 possible_nodes=parse_list(_read(node_dir / "possible")),
                 has_cpu=parse_list(_read(node_dir / "has_cpu")),
-                node_used_kb=used, node_cpulist=cpulist, node_distance=distance, zone_managed=_zoneinfo_managed(_read(root / "proc/zoneinfo")),
+                node_used_kb=used, node_cpulist=cpulist, node_distance=distance, zones=_zoneinfo(_read(root / "proc/zoneinfo")),
                 iomem=_iomem(_read(root / "proc/iomem")), firmware_ram=sorted(firmware),
                 release=text("proc/sys/kernel/osrelease"), arch=text("proc/sys/kernel/arch"),
                 cmdline=text("proc/cmdline"), acpi_slots=len(acpi))
@@ -233,20 +239,18 @@ def read_dump(root: str | os.PathLike[str]) -> Dump:
 # ---------------------------------------------------------------------- deciding
 
 def profile_for_release(release: str) -> tuple[str, str | None]:
-    """The newest profile not newer than the release; (profile, a note or None)."""
-    m = re.match(r"^(\d+)\.(\d+)", release)
-    if not m:
-        raise DescribeError(f"kernel release {release!r} does not start with MAJOR.MINOR; give --kernel")
-    v = (int(m.group(1)), int(m.group(2)))
-    key = lambda name: tuple(int(x) for x in name.split("."))  # noqa: E731
-    older = [p for p in PROFILES if key(p) <= v]
-    if not older:
-        oldest = min(PROFILES, key=key)
-        return oldest, (f"{release} is older than memfs's oldest profile ({oldest}): behaviour that changed "
-                        f"before {oldest} is {oldest}'s here (e.g. `removable` is computed per block "
-                        f"before 5.7; memfs always shows 1)")
-    best = max(older, key=key)
-    return best, None if key(best) == v else f"{release}: the newest profile not newer than it is {best}"
+    """The profile for a kernel release (machine.profiles.resolve_kernel: the newest profile
+    not newer than MAJOR.MINOR); a release older than every profile gets the oldest, and
+    says so instead of refusing: the dump's blocks are still worth reproducing."""
+    try:
+        return resolve_kernel(release)
+    except ValueError:
+        if not re.match(r"^v?\d+\.\d+", release.strip()):
+            raise DescribeError(f"kernel release {release!r} does not start with MAJOR.MINOR; give --kernel") from None
+    oldest = min(PROFILES, key=lambda n: tuple(int(x) for x in n.split(".")))
+    return oldest, (f"{release} is older than memfs's oldest profile ({oldest}): behaviour that changed "
+                    f"before {oldest} is {oldest}'s here (e.g. `removable` is computed per block "
+                    f"before 5.7; memfs always shows 1)")
 
 
 def _arch(dump: Dump, live: bool, page_size: int | None) -> tuple[str, str | None]:
@@ -382,6 +386,59 @@ def _split_by_node(ram: list[tuple[int, int]], dump: Dump, bs: int) -> dict[int,
     return per
 
 
+def _subtract(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[lo, hi) minus sorted, disjoint ranges."""
+    pieces, pos = [], lo
+    for rs, re_ in ranges:
+        if re_ <= pos:
+            continue
+        if rs >= hi:
+            break
+        if rs > pos:
+            pieces.append((pos, rs))
+        pos = max(pos, re_)
+        if pos >= hi:
+            break
+    if pos < hi:
+        pieces.append((pos, hi))
+    return pieces
+
+
+def _nomap(dump: Dump, per_node: dict[int, list[tuple[int, int]]], devs: list[Device], bs: int,
+           page_size: int) -> dict[int, list[tuple[int, int]]]:
+    """Boot memory that is present in a zone but not System RAM: the firmware's nomap
+    regions (arm64 MEMBLOCK_NOMAP, EFI runtime regions; /proc/iomem says "reserved").
+
+    The candidates are the parts of boot blocks inside the node's zone spans that no RAM
+    range covers; they are taken only when RAM + candidates add up to the zones' present
+    pages exactly (on x86 the e820 gaps inside a span are not present, and the sum says so).
+    """
+    dev_blocks = {b for d in devs for b in d.blocks}
+    out: dict[int, list[tuple[int, int]]] = {}
+    for nid, zones in dump.zones.items():
+        spans = [(z["start_pfn"] * page_size, (z["start_pfn"] + z["spanned"]) * page_size)
+                 for z in zones if z.get("spanned") and "start_pfn" in z]
+        ram = sorted(per_node.get(nid, []))
+        cand: list[tuple[int, int]] = []
+        for bid in sorted(b for b, blk in dump.blocks.items() if b not in dev_blocks and (blk.nodes or [0])[-1] == nid):
+            for zs, ze in spans:
+                lo, hi = max(bid * bs, zs), min((bid + 1) * bs, ze)
+                if lo >= hi:
+                    continue
+                for piece in _subtract(lo, hi, ram):
+                    if cand and cand[-1][1] == piece[0]:
+                        cand[-1] = (cand[-1][0], piece[1])
+                    else:
+                        cand.append(piece)
+        hot_present = sum(bs // page_size for b in dev_blocks
+                          if b in dump.blocks and dump.blocks[b].state == "online" and (dump.blocks[b].nodes or [0])[0] == nid)
+        present = sum(z.get("present", 0) for z in zones)
+        ram_pages = sum(e - s for s, e in ram) // page_size
+        if cand and ram_pages + sum(e - s for s, e in cand) // page_size + hot_present == present:
+            out[nid] = cand
+    return out
+
+
 def _fmt_range(s: int, e: int) -> str:
     return f'"{s:#x}-{e:#x}"'
 
@@ -425,9 +482,12 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
     page_size = ARCHES[arch].page_size
     release = dump.release or (os.uname().release if live else None)
     if kernel is not None:
-        if kernel not in PROFILES:
-            raise DescribeError(f"--kernel {kernel}: unknown profile; choose one of {', '.join(PROFILES)}")
-        profile = kernel
+        try:
+            profile, note = resolve_kernel(kernel)
+        except ValueError as e:
+            raise DescribeError(f"--kernel: {e}") from None
+        if note:
+            notes.append(note)
     elif release is not None:
         profile, note = profile_for_release(release)
         if note:
@@ -444,6 +504,7 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
     ram, source = _boot_ram(dump, arch, page_size, devs, bs)
     notes.append(f"boot RAM from {source}")
     per_node = _split_by_node(ram, dump, bs)
+    nomap = _nomap(dump, per_node, devs, bs, page_size)
     node_ids = sorted(set(dump.possible_nodes or []) | set(per_node) | {n for b in dump.blocks.values()
                                                                        for n in b.nodes} | {d.node for d in devs})
     if not node_ids:
@@ -475,6 +536,8 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
             cpus = dump.node_cpulist[nid] or False  # nodeN/cpulist, "%*pbl"
         node: dict = {"id": nid, "ram": [f"{s:#x}-{e:#x}" for s, e in per_node.get(nid, [])],
                       "reserved": 0, "used": 0, "cpus": cpus}
+        if nid in nomap:
+            node["nomap"] = [f"{s:#x}-{e:#x}" for s, e in nomap[nid]]
         dist = dump.node_distance.get(nid)
         if dist is not None and len(dist) == len(node_ids) and len(node_ids) > 1:
             node["distance"] = dist  # the SLIT row, one per node in id order (online nodes only in sysfs)
@@ -630,8 +693,10 @@ def render(raw: dict, dump: Dump, notes: list[str], differences: list[str], rele
         out.append(f"{k} = {_toml_value(v)}")
     for n in raw["node"]:
         out += ["", "[[node]]", f"id = {n['id']}",
-                "ram = [" + ", ".join(_toml_value(r) for r in n["ram"]) + "]",
-                f"reserved = {n['reserved']}    # bytes: boot memory present but not managed",
+                "ram = [" + ", ".join(_toml_value(r) for r in n["ram"]) + "]"]
+        if "nomap" in n:
+            out.append("nomap = [" + ", ".join(_toml_value(r) for r in n["nomap"]) + "]    # present, not System RAM")
+        out += [f"reserved = {n['reserved']}    # bytes: boot memory present but not managed",
                 f"used = {n['used']}    # bytes: managed boot memory in use (MemUsed)",
                 f"cpus = {_toml_value(n['cpus'])}"]
         if "distance" in n:

@@ -1,22 +1,35 @@
-"""Thin fusepy adapter: serve a :class:`memfs.sysfs.kernfs.Tree` as a mount.
+"""The FUSE adapter (fusepy, libfuse 2): serve a :class:`memfs.sysfs.kernfs.Tree` as a mount.
 
-All semantics come from the tree; this module only maps FUSE operations to
+All semantics come from the tree; this module maps FUSE operations to
 ``Tree.resolve`` and the node callbacks, with sysfs-like behaviour:
 
 * attributes are ``S_IFREG`` with ``st_size`` 4096 whatever their content;
-* opening takes a snapshot of ``show()``; reads are served from it, and a read
-  at offset 0 after the handle has already returned data regenerates it
-  (like seq_file after ``lseek(fd, 0, SEEK_SET)``);
 * every ``write(2)`` is one complete ``store()`` of (at most 4096 bytes of)
   its buffer, whatever the file offset;
 * an attribute whose ``alive()`` turned false fails I/O with ``ENODEV``;
 * the namespace is immutable from userspace (create/mkdir/unlink/... fail).
+
+Two ways to serve, chosen by :func:`serve`:
+
+* **page cache** (``serve(watch=...)``: the tree's owner reports every change,
+  which is what the daemon does).  ``open()`` answers ENOSYS once, so the kernel
+  stops sending OPEN/FLUSH/RELEASE for the mount (fuse_file_open(), fc->no_open,
+  fs/fuse/file.c, Linux 3.x+), and attribute texts are read through the kernel's
+  page cache: a repeated read of an unchanged attribute costs no upcall at all.
+  :class:`Invalidator` then drops exactly the cached texts a change altered
+  (FUSE_NOTIFY_INVAL_INODE), and the directory entries that appeared or vanished
+  (FUSE_NOTIFY_INC_EPOCH on Linux 6.16+, else FUSE_NOTIFY_INVAL_ENTRY).
+* **direct** (no ``watch``): every open takes a snapshot of ``show()`` and every
+  read is answered from it (``direct_io``), like seq_file; nothing is cached, so
+  a tree whose owner does not report changes is never stale.
 
 Any unexpected exception is logged and turned into ``EIO``.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import itertools
 import logging
@@ -28,14 +41,14 @@ import stat
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator, Protocol
 
 import fuse as _fusepy  # fusepy (top-level module "fuse"), not this module
 
-from memfs.sysfs.kernfs import Attr, DirNode, Link, Node, Tree
+from memfs.sysfs.kernfs import CONST, GLOBAL, Attr, Change, DirNode, Link, Node, Tree
 
-__all__ = ["SysfsOperations", "serve", "kernel_has_epoch", "ENTRY_TIMEOUT", "ATTR_TIMEOUT", "mount_operations", "default_options", "load_binding",
-           "BINDINGS", "STORE_MAX", "ATTR_SIZE"]
+__all__ = ["SysfsOperations", "Invalidator", "serve", "kernel_has_epoch", "ENTRY_TIMEOUT",
+           "ATTR_TIMEOUT", "mount_operations", "default_options", "STORE_MAX", "ATTR_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +61,7 @@ ATTR_SIZE = 4096
 ATTR_TIMEOUT = 3600
 #: Seconds the kernel may cache directory entries when :func:`serve` is given a
 #: ``watch`` (the model then tells the adapter about every change, and the
-#: adapter drops the kernel's entries at once: see :meth:`SysfsOperations.invalidate`).
+#: adapter drops the kernel's entries at once: see :class:`Invalidator`).
 ENTRY_TIMEOUT = 3600
 #: enum fuse_notify_code FUSE_NOTIFY_INC_EPOCH (Linux 6.16+): every dentry created
 #: (or whose LOOKUP started) before the bump is invalid on its next use.
@@ -57,6 +70,15 @@ _EPOCH_MSG = struct.pack("<IiQ", 16, FUSE_NOTIFY_INC_EPOCH, 0)  # struct fuse_ou
 _PATH_CACHE_MAX = 1 << 20  # entries; a full listing of 65,536 blocks x 12 files fits
 
 _O_ACCMODE = os.O_ACCMODE
+
+
+class ContextLock(Protocol):
+    """The tree owner's lock (threading.RLock): held while the owner changes the tree."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class _Handle:
@@ -78,24 +100,389 @@ def _err(code: int) -> _fusepy.FuseOSError:
     return _fusepy.FuseOSError(code)
 
 
+#: enum fuse_notify_code (include/uapi/linux/fuse.h): FUSE_NOTIFY_INVAL_INODE drops an
+#: inode's cached attributes and pages (fuse_reverse_inval_inode(), fs/fuse/inode.c);
+#: FUSE_NOTIFY_INVAL_ENTRY drops one dentry (fuse_reverse_inval_entry(), fs/fuse/dir.c).
+FUSE_NOTIFY_INVAL_INODE = 2
+FUSE_NOTIFY_INVAL_ENTRY = 3
+_HEADER = struct.Struct("<IiQ")  # struct fuse_out_header {len, error (= notify code), unique 0}
+_INVAL_INODE = struct.Struct("<Qqq")  # struct fuse_notify_inval_inode_out {ino, off, len}
+_INVAL_ENTRY = struct.Struct("<QII")  # struct fuse_notify_inval_entry_out {parent, namelen, flags}
+
+
+class _Cached:
+    """One attribute text the kernel may hold in its page cache (read since its last drop)."""
+
+    __slots__ = ("attr", "scope", "text", "ino")
+
+    def __init__(self, attr: Attr, scope: str) -> None:
+        self.attr = attr
+        self.scope = scope
+        self.text: bytes | None = None  # None while the READ that caches it is in flight
+        self.ino: int | None = None  # the kernel's inode (= libfuse nodeid), once known
+
+
+class Invalidator:
+    """Keeps the kernel's caches of one mount exact while the tree's owner changes it.
+
+    The owner calls the invalidator (``inv(change)``, a :class:`Change`) after every
+    change, under its own lock; that only records.  The thread that made the change
+    then sends the notifications with its lock released (``with inv.collect(): ...``
+    around the change, as the adapter's ``write()`` and the daemon's control handler
+    do); changes made by other threads are sent by the invalidator's own thread.
+
+    Which cached texts a change altered is derived, not guessed: every attribute
+    text the kernel may hold is registered when its READ is answered, keyed by its
+    owner (a memory block) and scope (:data:`CONST`/:data:`OWNER`/:data:`GLOBAL`);
+    a change names the owners it touched, so only the registered texts of those
+    owners, and of GLOBAL scope (few: /proc, node, parameter files, offline blocks'
+    valid_zones), are shown again and compared.  Only those that differ are dropped,
+    so a change costs O(texts it may alter), never O(blocks).
+
+    Hazards (fs/fuse/inode.c fuse_reverse_inval_inode() waits for each cached page's
+    lock, and a page being written stays locked until the WRITE is answered):
+    notifications are never sent with the model lock or the registry lock held, a
+    ``write()`` never waits for another thread's notifications, and no notification
+    is sent for a file whose WRITE is in flight (the kernel drops that page itself:
+    the write invalidates the inode's attributes, and the next read finds st_size
+    4096 instead of the short size the cached read left, fuse_change_attributes()).
+    """
+
+    def __init__(self, ops: "SysfsOperations", mountpoint: str, lock: ContextLock | None,
+                 epoch: bool) -> None:
+        self.ops = ops
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.model_lock = lock
+        self.epoch = epoch  # FUSE_NOTIFY_INC_EPOCH for entries, else INVAL_ENTRY per name
+        self.fd: int | None = None  # /dev/fuse of the mount, set by init()
+        self._mu = threading.Lock()  # registry, indexes, orphans, in-flight writes
+        self._cached: dict[str, _Cached] = {}
+        self._by_owner: dict[Hashable, set[str]] = {}
+        self._global: set[str] = set()
+        self._unfilled: set[str] = set()  # READ in flight: dropped by any flush
+        self._suspect: set[str] = set()  # shown while a change was running: checked by every flush
+        self._writing: dict[str, int] = {}
+        self._orphans: list[Change] = []  # changes of threads that do not flush themselves
+        self._after_write: set[str] = set()
+        self._written: set[str] = set()
+        self._need_ino: set[str] = set()
+        self._local = threading.local()
+        self._wake = threading.Condition(self._mu)
+        self._stopped = False
+        #: notifications sent, by kind (tests count them instead of timing anything)
+        self.counts = {"inval_inode": 0, "inval_entry": 0, "inc_epoch": 0, "shown": 0}
+        self._thread: threading.Thread | None = None
+
+    # -- owner side ----------------------------------------------------------
+
+    def __call__(self, change: Change | None = None) -> None:
+        """Record one change (under the owner's lock); None: anything may have changed."""
+        if change is None:
+            change = Change(entries=None, everything=True)
+        collected = getattr(self._local, "changes", None)
+        if collected is not None:
+            collected.append(change)
+            return
+        with self._mu:
+            self._orphans.append(change)
+            self._wake.notify()
+
+    @contextlib.contextmanager
+    def collect(self, skip: str | None = None) -> Iterator[None]:
+        """Send the notifications for the changes this thread makes inside the block,
+        when it ends (also when it raises), outside the owner's lock."""
+        outer = getattr(self._local, "changes", None)
+        if outer is not None:  # nested: the outermost block sends
+            yield
+            return
+        changes: list[Change] = []
+        self._local.changes = changes
+        try:
+            yield
+        finally:
+            self._local.changes = None
+            self.flush(changes)
+
+    # -- adapter side --------------------------------------------------------
+
+    def register(self, path: str, attr: Attr) -> _Cached | None:
+        """Before showing ``attr`` for a READ: the kernel is about to cache its text."""
+        scope = attr.scope
+        if callable(scope):
+            scope = scope()
+        if scope == CONST and attr.owner is None:
+            return None  # never changes, never dies
+        entry = _Cached(attr, scope)
+        with self._mu:
+            old = self._cached.get(path)
+            if old is not None:
+                self._unindex(path, old)
+            self._cached[path] = entry
+            if attr.owner is not None:
+                self._by_owner.setdefault(attr.owner, set()).add(path)
+            if scope == GLOBAL:
+                self._global.add(path)
+            if old is not None and old.ino is not None:
+                entry.ino = old.ino
+            else:
+                self._need_ino.add(path)
+                self._wake.notify()
+            self._unfilled.add(path)
+        return entry
+
+    def filled(self, path: str, entry: _Cached, text: bytes | None, consistent: bool) -> None:
+        """After showing: ``text`` is what the kernel caches (None: the READ failed)."""
+        with self._mu:
+            entry.text = text
+            if self._cached.get(path) is not entry:
+                return  # already dropped by a flush that saw the READ in flight
+            self._unfilled.discard(path)
+            if text is None:
+                self._unindex(path, entry)
+                del self._cached[path]
+            elif not consistent:
+                self._suspect.add(path)
+
+    def _unindex(self, path: str, entry: _Cached) -> None:
+        owner = entry.attr.owner
+        if owner is not None:
+            paths = self._by_owner.get(owner)
+            if paths is not None:
+                paths.discard(path)
+                if not paths:
+                    del self._by_owner[owner]
+        self._global.discard(path)
+        self._unfilled.discard(path)
+        self._suspect.discard(path)
+
+    def show(self, attr: Attr) -> tuple[bytes, bool]:
+        """``attr.show()`` and whether no change was running meanwhile (then the text is
+        one the model had between changes; otherwise every flush checks it again, e.g.
+        ``going-offline`` shown during an offline that then fails without a change)."""
+        lock = self.model_lock
+        if lock is None:
+            return _encode(attr.show()), True  # type: ignore[misc]
+        if lock.acquire(blocking=False):
+            try:
+                return _encode(attr.show()), True  # type: ignore[misc]
+            finally:
+                lock.release()
+        return _encode(attr.show()), False  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def writing(self, path: str) -> Iterator[None]:
+        """Around a ``write()`` of ``path``: its page is locked by the kernel meanwhile."""
+        with self._mu:
+            self._writing[path] = self._writing.get(path, 0) + 1
+        try:
+            with self.collect(skip=path):
+                yield
+        finally:
+            with self._mu:
+                n = self._writing[path] - 1
+                if n:
+                    self._writing[path] = n
+                else:
+                    del self._writing[path]
+                # The kernel's cached page now holds the written bytes: the next GETATTR
+                # reports another size (written()), and the invalidator's thread drops
+                # the page once the WRITE is answered (its notification waits for that).
+                self._written.add(path)
+                self._after_write.add(path)
+                self._wake.notify()
+
+    def written(self, path: str) -> int:
+        """1 once after a write of ``path``, else 0: added to the st_size of the GETATTR
+        that follows the write, so that the kernel, finding a size other than the one
+        its cached page has, drops the page (fuse_change_attributes()): a write leaves
+        its own bytes in a cached page ("on" written to `online` whose text is "1\\n"),
+        and no notification may be sent for it while its WRITE is in flight."""
+        with self._mu:
+            if path in self._written:
+                self._written.discard(path)
+                return 1
+        return 0
+
+    # -- sending -------------------------------------------------------------
+
+    def flush(self, changes: list[Change]) -> None:
+        """Drop every cached text and entry that ``changes`` altered (outside any lock)."""
+        owners: set[Hashable] = set()
+        removed: set[Hashable] = set()
+        entries: list[str] = []
+        all_entries = everything = False
+        for c in changes:
+            owners |= c.owners
+            removed |= c.removed
+            everything |= c.everything
+            if c.entries is None:
+                all_entries = True
+            else:
+                entries.extend(c.entries)
+        with self._mu:
+            if not (changes or self._suspect or self._unfilled):
+                return
+            check: dict[str, _Cached] = {}
+            drop: dict[str, _Cached] = {}
+            for owner in owners | removed:
+                for path in self._by_owner.get(owner, ()):
+                    e = self._cached[path]
+                    if owner in removed:
+                        drop[path] = e
+                    elif e.scope != CONST:
+                        check[path] = e
+            if everything:
+                for path in self._global:
+                    check.setdefault(path, self._cached[path])
+            for path in self._suspect:
+                check.setdefault(path, self._cached[path])
+            for path in self._unfilled:
+                drop[path] = self._cached[path]
+            for path in drop:
+                check.pop(path, None)
+        if check:
+            changed = self._compare(check)
+            drop.update(changed)
+        with self._mu:
+            for path in check:
+                if self._cached.get(path) is check[path]:
+                    self._suspect.discard(path)
+            for path, e in drop.items():
+                if self._cached.get(path) is e:
+                    self._unindex(path, e)
+                    del self._cached[path]
+            writing = set(self._writing)
+        for path, e in drop.items():
+            if path not in writing:
+                self._inval_inode(path, e)
+        if entries or all_entries or removed:
+            self.ops.forget_paths()
+            if self.epoch or all_entries:
+                self._inc_epoch()
+            else:
+                for path in entries:
+                    self._inval_entry(path)
+
+    def _compare(self, check: dict[str, _Cached]) -> dict[str, _Cached]:
+        """The entries of ``check`` whose text the model would now show differently."""
+        out: dict[str, _Cached] = {}
+        lock = self.model_lock if self.model_lock is not None else contextlib.nullcontext()
+        with lock:  # one consistent state of the model for all of them
+            for path, e in check.items():
+                self.counts["shown"] += 1
+                try:
+                    now: bytes | None = _encode(e.attr.show()) if e.attr.is_alive() else None  # type: ignore[misc]
+                except OSError:
+                    now = None
+                if now is None or now != e.text:
+                    out[path] = e
+        return out
+
+    def _ino(self, path: str, e: _Cached | None = None) -> int | None:
+        """The kernel's inode number of ``path`` (libfuse 2 without use_ino reports its
+        nodeid as st_ino), or the last one seen if the path is gone."""
+        try:
+            ino = os.lstat(self.mountpoint + path).st_ino
+        except OSError:
+            return e.ino if e is not None else None
+        if e is not None:
+            e.ino = ino
+        return ino
+
+    def _send(self, msg: bytes, what: str) -> bool:
+        fd = self.fd
+        if fd is None:
+            return False
+        try:
+            os.write(fd, msg)
+        except OSError as err:
+            if err.errno != errno.ENOENT:  # ENOENT: the kernel has no such inode/entry cached
+                log.error("memfs: %s failed: %s; the kernel may serve a stale copy", what, err)
+            return False
+        return True
+
+    def _inval_inode(self, path: str, e: _Cached) -> None:
+        ino = e.ino if e.ino is not None else self._ino(path, e)
+        if ino is None:
+            return
+        # off 0, len 0: drop the attributes and every cached page of the inode
+        body = _INVAL_INODE.pack(ino, 0, 0)
+        if self._send(_HEADER.pack(_HEADER.size + len(body), FUSE_NOTIFY_INVAL_INODE, 0) + body,
+                      "FUSE_NOTIFY_INVAL_INODE"):
+            self.counts["inval_inode"] += 1
+
+    def _inval_entry(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        pino = self._ino(parent)
+        if pino is None:
+            return  # the parent is not cached either
+        raw = name.encode("utf-8", "surrogateescape")
+        body = _INVAL_ENTRY.pack(pino, len(raw), 0) + raw + b"\0"
+        if self._send(_HEADER.pack(_HEADER.size + len(body), FUSE_NOTIFY_INVAL_ENTRY, 0) + body,
+                      "FUSE_NOTIFY_INVAL_ENTRY"):
+            self.counts["inval_entry"] += 1
+
+    def _inc_epoch(self) -> None:
+        if self._send(_EPOCH_MSG, "FUSE_NOTIFY_INC_EPOCH"):
+            self.counts["inc_epoch"] += 1
+
+    # -- the invalidator's thread ------------------------------------------------
+
+    def start(self, fd: int | None) -> None:
+        self.fd = fd
+        self._thread = threading.Thread(target=self._run, name="memfs-invalidate", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._mu:
+            self._stopped = True
+            self.fd = None
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._mu:
+                self._wake.wait_for(lambda: self._stopped or self._orphans or self._after_write
+                                    or self._need_ino)
+                if self._stopped:
+                    return
+                orphans, self._orphans = self._orphans, []
+                after, self._after_write = self._after_write, set()
+                need, self._need_ino = self._need_ino, set()
+                need_entries = [(p, self._cached[p]) for p in need if p in self._cached]
+            try:
+                for path, e in need_entries:
+                    self._ino(path, e)
+                if orphans:
+                    self.flush(orphans)
+                for path in after:
+                    ino = self._ino(path)
+                    if ino is not None:
+                        body = _INVAL_INODE.pack(ino, 0, 0)
+                        self._send(_HEADER.pack(_HEADER.size + len(body), FUSE_NOTIFY_INVAL_INODE, 0)
+                                   + body, "FUSE_NOTIFY_INVAL_INODE")
+            except Exception:  # never let the thread die: log and go on
+                log.exception("memfs: invalidation failed")
+
+
 class SysfsOperations(_fusepy.Operations):
     """fusepy ``Operations`` serving a :class:`Tree` with sysfs semantics."""
 
     use_ns = True  # timestamps in integer nanoseconds (silences fusepy warning)
 
-    def __init__(self, tree: Tree, *, ready: Callable[[], None] | None = None,
-                 binding: Any = None) -> None:
+    def __init__(self, tree: Tree, *, ready: Callable[[], None] | None = None) -> None:
         self.tree = tree
         self._ready = ready
-        self._binding = binding if binding is not None else _fusepy
-        self._dev_fd: int | None = None  # /dev/fuse, once mounted, if entries are cached
-        self.entry_cache = False  # set by serve() when the kernel may cache entries
+        # Page-cache mode (set by serve(watch=...)): keeps the kernel's caches exact.
+        self.inv: Invalidator | None = None
         # path -> node, kept only while the tree's owner reports changes (serve(watch=)):
         # each FUSE request carries a full path, and resolving it again costs a lookup
-        # per component. Cleared by invalidate(); `_path_gen` keeps a resolve that raced
-        # with a change from caching what it found before the change.
+        # per component. Cleared when entries change (forget_paths()); `_path_gen` keeps
+        # a resolve that raced with a change from caching what it found before it.
         self._paths: dict[str, Node] | None = None
         self._path_gen = 0
+        #: FUSE requests that reached Python, by operation (tests count them)
+        self.upcalls: collections.Counter[str] = collections.Counter()
         self._handles: dict[int, _Handle] = {}
         self._lock = threading.Lock()
         self._fh_counter = itertools.count(1)
@@ -103,6 +490,7 @@ class SysfsOperations(_fusepy.Operations):
         self._times = {"st_atime": now, "st_mtime": now, "st_ctime": now}
         self._dir_stat = self._mkstat(stat.S_IFDIR | 0o755, 2, 0)
         self._attr_stats: dict[int, dict[str, int]] = {}
+        self._dead_stat = self._mkstat(stat.S_IFREG | 0o644, 1, ATTR_SIZE)
         # Cached stat dicts are shared between calls; fusepy only reads them.
         self._dir_dtype = {"st_mode": stat.S_IFDIR | 0o755}
         self._reg_dtype = {"st_mode": stat.S_IFREG | 0o444}
@@ -145,6 +533,7 @@ class SysfsOperations(_fusepy.Operations):
     # -- dispatch: every operation goes through here ----------------------
 
     def __call__(self, op: str, *args: Any) -> Any:
+        self.upcalls[op] += 1
         method = getattr(self, op, None)
         if method is None:
             raise _err(errno.ENOSYS)
@@ -168,14 +557,15 @@ class SysfsOperations(_fusepy.Operations):
 
     def init(self, path: str) -> None:
         """Called by libfuse once the kernel handshake (FUSE_INIT) is done."""
-        if self.entry_cache:
+        inv = self.inv
+        if inv is not None:
+            fd: int | None = None
             try:
-                self._dev_fd = _session_fd(self._binding)
+                fd = _session_fd()
             except Exception as e:  # pragma: no cover - libfuse without the symbols
-                log.error("memfs: cannot reach /dev/fuse to invalidate entries (%s); "
-                          "cached entries may go stale", e)
-            else:
-                self.invalidate()
+                log.error("memfs: cannot reach /dev/fuse to send invalidations (%s); "
+                          "cached texts and entries may go stale", e)
+            inv.start(fd)
         ready = self._ready
         if ready is not None:
             self._ready = None
@@ -185,35 +575,17 @@ class SysfsOperations(_fusepy.Operations):
                 log.exception("memfs: ready() callback failed")
 
     def destroy(self, path: str) -> None:
-        self._dev_fd = None
+        if self.inv is not None:
+            self.inv.stop()
         with self._lock:
             self._handles.clear()
 
-    def invalidate(self) -> bool:
-        """Make every directory entry the kernel has cached for this mount stale.
-
-        Called (through ``serve(watch=...)``) after every change of the model,
-        before the operation that made it returns: the next path walk then asks
-        the daemon again, so blocks appear and vanish at once, even for
-        dentries pinned by open files or working directories, and even if a
-        LOOKUP raced with the change (the kernel records the epoch a LOOKUP
-        started in).  One write of a 16-byte notification; no locks taken in
-        the kernel, so it is safe from any thread, with or without the model's
-        lock held.  Returns False when entries are not cached (nothing to do).
-        """
+    def forget_paths(self) -> None:
+        """Entries changed: resolve every path again (the path cache of ``_resolve``)."""
         if self._paths is not None:
             with self._lock:
                 self._path_gen += 1
                 self._paths = {}
-        fd = self._dev_fd
-        if fd is None:
-            return False
-        try:
-            os.write(fd, _EPOCH_MSG)
-        except OSError as e:
-            log.error("memfs: FUSE_NOTIFY_INC_EPOCH failed: %s; cached entries may be stale", e)
-            return False
-        return True
 
     # -- namespace --------------------------------------------------------
 
@@ -235,7 +607,37 @@ class SysfsOperations(_fusepy.Operations):
             h = self._handles.get(fh)
             if h is not None:
                 return self._stat(h.attr)
-        return self._stat(self._resolve(path))
+        inv = self.inv
+        if inv is None:
+            return self._stat(self._resolve(path))
+        try:
+            node = self._resolve(path)
+        except OSError:
+            if fh == 0:
+                # asked through an open file (fusepy passes fh None for LOOKUP and path
+                # GETATTR): a removed attribute still has a stat, so that the read or
+                # write that asked goes on and fails ENODEV, as on sysfs
+                return self._dead_stat
+            raise
+        if not isinstance(node, Attr) or not node.readable:
+            return self._stat(node)
+        # Page-cache mode: st_size is the length of the text.  The kernel trusts
+        # st_size for reads from its cache (filemap_read() stops at i_size), and a
+        # short READ shrinks i_size and drops the attributes, so with 4096 every
+        # fstat(2) (cat, fopen) would drop the cached page again; the size is then
+        # part of what the kernel caches, so the text is registered as cached.
+        entry = inv.register(path, node)
+        text: bytes | None = None
+        try:
+            text, consistent = inv.show(node)
+        except OSError:
+            return self._stat(node)  # the READ will report the error
+        finally:
+            if entry is not None:
+                inv.filled(path, entry, text, consistent if text is not None else True)
+        st = dict(self._stat(node))
+        st["st_size"] = len(text) + inv.written(path)
+        return st
 
     def readdir(self, path: str, fh: int) -> Iterator[tuple[str, dict[str, int], int]]:
         node = self._resolve(path)
@@ -265,6 +667,11 @@ class SysfsOperations(_fusepy.Operations):
     # -- file I/O ---------------------------------------------------------
 
     def open(self, path: str, flags: int) -> int:
+        if self.inv is not None:
+            # Page-cache mode: ENOSYS makes the kernel stop sending OPEN (and so
+            # FLUSH/RELEASE) for the whole mount (fuse_file_open(), fs/fuse/file.c):
+            # read() and write() then get fh 0 and find the attribute by its path.
+            raise _err(errno.ENOSYS)
         node = self._resolve(path)
         if not isinstance(node, Attr):
             # The kernel never opens dirs/links through FUSE open().
@@ -283,7 +690,34 @@ class SysfsOperations(_fusepy.Operations):
             self._handles[fh] = _Handle(node, data)
         return fh
 
+    def _attr_at(self, path: str) -> Attr:
+        """The attribute a READ/WRITE without an open handle is for: its file was opened
+        (no OPEN upcall), so a path that no longer resolves is an attribute that was
+        removed since, and I/O on it fails with ENODEV, as on a removed kernfs node."""
+        try:
+            node = self._resolve(path)
+        except OSError:
+            raise _err(errno.ENODEV) from None
+        if not isinstance(node, Attr):
+            raise _err(errno.EISDIR if isinstance(node, DirNode) else errno.EINVAL)
+        if not node.is_alive():
+            raise _err(errno.ENODEV)
+        return node
+
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        inv = self.inv
+        if inv is not None and not fh:
+            attr = self._attr_at(path)
+            if not attr.readable:  # root opened a write-only attribute: no OPEN to refuse it
+                raise _err(errno.EACCES)
+            entry = inv.register(path, attr)
+            text: bytes | None = None
+            try:
+                text, consistent = inv.show(attr)
+            finally:
+                if entry is not None:
+                    inv.filled(path, entry, text, consistent if text is not None else True)
+            return text[offset:offset + size]
         h = self._handle(fh)
         attr = h.attr
         if not attr.is_alive():
@@ -299,6 +733,17 @@ class SysfsOperations(_fusepy.Operations):
         return chunk
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        inv = self.inv
+        if inv is not None and not fh:
+            attr = self._attr_at(path)
+            if not attr.writable:  # root opened a read-only attribute: no OPEN to refuse it
+                raise _err(errno.EACCES)
+            n = len(data)
+            if n == 0:
+                return 0
+            with inv.writing(path):
+                attr.store(data[:STORE_MAX] if n > STORE_MAX else data)  # type: ignore[misc]
+            return n
         h = self._handle(fh)
         attr = h.attr
         if not attr.is_alive():
@@ -341,7 +786,7 @@ class SysfsOperations(_fusepy.Operations):
             self._handles.pop(fh, None)
         return 0
 
-    def utimens(self, path: str, times: Any = None) -> int:
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
         self.tree.resolve(path)
         return 0
 
@@ -391,49 +836,6 @@ class SysfsOperations(_fusepy.Operations):
 
     def removexattr(self, path: str, name: str) -> int:
         raise _err(errno.EOPNOTSUPP)
-
-
-#: Bindings :func:`serve` can run on (``MEMFS_FUSE_BINDING`` picks the default).
-#: ``mfusepy`` (libfuse 3 through the maintained fusepy fork) is an experimental
-#: prototype for the benchmark: ``pip install mfusepy`` and Debian's libfuse3-3.
-BINDINGS = ("fusepy", "mfusepy")
-
-
-def load_binding(name: str | None = None) -> Any:
-    """The fusepy-compatible module for binding ``name`` (default: $MEMFS_FUSE_BINDING or fusepy)."""
-    name = name or os.environ.get("MEMFS_FUSE_BINDING") or "fusepy"
-    if name == "fusepy":
-        return _fusepy
-    if name == "mfusepy":
-        # mfusepy picks libfuse 2 when both are installed, unless told otherwise
-        os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-        import mfusepy  # type: ignore[import-not-found]
-        return mfusepy
-    raise ValueError(f"unknown FUSE binding {name!r}; choose one of {', '.join(BINDINGS)}")
-
-
-class _Dispatch:
-    """Expose ``ops(name, *args)`` as methods, for bindings that ignore ``__call__`` (mfusepy 3).
-
-    Only the operations ``ops`` implements (non-None) are exposed, so the
-    binding registers exactly the same table as fusepy does.
-    """
-
-    def __init__(self, ops: Any) -> None:
-        self.use_ns = getattr(ops, "use_ns", False)
-        for name in dir(type(ops)):
-            if name.startswith("_") or name in ("use_ns", "tree", "entry_cache", "invalidate"):
-                continue
-            attr = getattr(ops, name, None)
-            if callable(attr):
-                setattr(self, name, self._bind(ops, name))
-
-    @staticmethod
-    def _bind(ops: Any, name: str) -> Callable[..., Any]:
-        def method(*args: Any) -> Any:
-            return ops(name, *args)
-        method.__name__ = name
-        return method
 
 
 def default_options(allow_other: bool | None = None) -> dict[str, Any]:
@@ -486,19 +888,13 @@ def path_encoding() -> str:
     return PATH_ENCODING
 
 
-def mount_operations(ops: Any, mountpoint: str, *, binding: str | None = None,
-                     foreground: bool = True, allow_other: bool | None = None,
-                     debug: bool = False, **options: Any) -> None:
-    """Mount any fusepy-style ``Operations`` with memfs's options (blocks until unmounted)."""
-    mod = load_binding(binding)
-    opts = default_options(allow_other)
-    opts.setdefault("encoding", path_encoding())
+def mount_operations(ops: _fusepy.Operations, mountpoint: str, *, foreground: bool = True,
+                     allow_other: bool | None = None, debug: bool = False,
+                     **options: str | int | bool) -> None:
+    """Mount any fusepy ``Operations`` with memfs's options (blocks until unmounted)."""
+    opts: dict[str, str | int | bool] = {**default_options(allow_other), "encoding": path_encoding()}
     opts.update(options)
-    if getattr(mod, "fuse_version_major", 2) >= 3:
-        opts.pop("big_writes", None)  # always on, and refused, in libfuse 3
-    if mod is not _fusepy:
-        ops = _Dispatch(ops)
-    mod.FUSE(ops, mountpoint, foreground=foreground, nothreads=False, debug=debug, **opts)
+    _fusepy.FUSE(ops, mountpoint, foreground=foreground, nothreads=False, debug=debug, **opts)
 
 
 def kernel_has_epoch(release: str | None = None) -> bool:
@@ -507,24 +903,22 @@ def kernel_has_epoch(release: str | None = None) -> bool:
     return bool(m) and (int(m.group(1)), int(m.group(2))) >= (6, 16)
 
 
-def _session_fd(binding: Any) -> int:
-    """The /dev/fuse descriptor of the session serving the current request (from init())."""
-    lib = binding._libfuse
+def _session_fd() -> int:
+    """The /dev/fuse descriptor of the session serving the current request (from init()).
+
+    libfuse 2.9: fuse_get_session() of the context's struct fuse, then the session's
+    only channel (fuse_session_next_chan) and its descriptor (fuse_chan_fd)."""
+    lib = _fusepy._libfuse
     ctx = lib.fuse_get_context()
     f = ctypes.c_void_p(ctx.contents.fuse)
     lib.fuse_get_session.restype = ctypes.c_void_p
     lib.fuse_get_session.argtypes = [ctypes.c_void_p]
     se = ctypes.c_void_p(lib.fuse_get_session(f))
-    if hasattr(lib, "fuse_session_fd"):  # libfuse 3
-        lib.fuse_session_fd.restype = ctypes.c_int
-        lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
-        fd = lib.fuse_session_fd(se)
-    else:  # libfuse 2: the session's only channel
-        lib.fuse_session_next_chan.restype = ctypes.c_void_p
-        lib.fuse_session_next_chan.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        lib.fuse_chan_fd.restype = ctypes.c_int
-        lib.fuse_chan_fd.argtypes = [ctypes.c_void_p]
-        fd = lib.fuse_chan_fd(ctypes.c_void_p(lib.fuse_session_next_chan(se, None)))
+    lib.fuse_session_next_chan.restype = ctypes.c_void_p
+    lib.fuse_session_next_chan.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.fuse_chan_fd.restype = ctypes.c_int
+    lib.fuse_chan_fd.argtypes = [ctypes.c_void_p]
+    fd = lib.fuse_chan_fd(ctypes.c_void_p(lib.fuse_session_next_chan(se, None)))
     if fd < 0:
         raise OSError(errno.EBADF, "no /dev/fuse descriptor")
     return fd
@@ -538,9 +932,10 @@ def serve(
     allow_other: bool | None = None,
     ready: Callable[[], None] | None = None,
     debug: bool = False,
-    binding: str | None = None,
-    watch: Callable[[Callable[[], bool]], None] | None = None,
-    **options: Any,
+    watch: Callable[[Invalidator], object] | None = None,
+    lock: ContextLock | None = None,
+    epoch: bool | None = None,
+    **options: str | int | bool,
 ) -> None:
     """Mount ``tree`` at ``mountpoint`` and serve it until unmounted.
 
@@ -549,25 +944,26 @@ def serve(
     called once, from a FUSE thread, when the kernel has completed the mount
     handshake and requests are being served.  Extra ``options`` are passed to
     libfuse as ``-o key=value`` (``True`` for bare flags) and override
-    :func:`default_options`.  ``binding`` picks the FUSE binding (see
-    :func:`load_binding`).
+    :func:`default_options`.
 
-    ``watch``, if given, is called once (before mounting) with a callable that
-    the owner of the tree must call after *every* change of what the tree
-    resolves (blocks or nodes appearing or vanishing), before the change is
-    reported done; e.g. ``watch=lambda inval: machine_listeners.append(inval)``.
-    The kernel may then cache directory entries (``entry_timeout`` and
-    ``negative_timeout`` of :data:`ENTRY_TIMEOUT`), which saves one LOOKUP
-    round trip per path component per access.  Without ``watch``, or on a
-    kernel older than 6.16, entries are never cached (timeouts 0).
+    ``watch``, if given, is called once (before mounting) with the mount's
+    :class:`Invalidator`, which the owner of the tree must call after *every*
+    change (``inv(Change(...))``, under ``lock``), e.g. through
+    :func:`memfs.sysfs.changes.watch_machine`.  The mount then serves from the
+    kernel's page cache and caches entries (see the module's docstring).
+    ``lock`` is the lock the owner holds while changing the tree (the Machine's).
+    ``epoch`` picks how vanished entries are dropped: FUSE_NOTIFY_INC_EPOCH (default
+    on Linux 6.16+) or one FUSE_NOTIFY_INVAL_ENTRY per name (``epoch=False``, and on
+    older kernels; negative entries are then not cached).
     """
-    mod = load_binding(binding)
-    ops = SysfsOperations(tree, ready=ready, binding=mod)
+    ops = SysfsOperations(tree, ready=ready)
     if watch is not None:
+        if epoch is None:
+            epoch = kernel_has_epoch()
         ops._paths = {}
-        watch(ops.invalidate)
-    if watch is not None and kernel_has_epoch():
-        ops.entry_cache = True
-        options = {"entry_timeout": ENTRY_TIMEOUT, "negative_timeout": ENTRY_TIMEOUT, **options}
-    mount_operations(ops, mountpoint, binding=binding, foreground=foreground,
-                     allow_other=allow_other, debug=debug, **options)
+        ops.inv = Invalidator(ops, mountpoint, lock, epoch)
+        watch(ops.inv)
+        options = {"entry_timeout": ENTRY_TIMEOUT,
+                   "negative_timeout": ENTRY_TIMEOUT if epoch else 0, **options}
+    mount_operations(ops, mountpoint, foreground=foreground, allow_other=allow_other,
+                     debug=debug, **options)

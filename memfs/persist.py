@@ -1,55 +1,18 @@
 """Durable machine state for ``memfs mount --state FILE``.
 
-Every acknowledged change survives the daemon: the journal callback of the Machine
-(``Machine.journal``, called under the hotplug lock before the caller is answered)
-appends one line per operation and ``fdatasync``\\ s it before it returns, so a
-``write(2)`` or control request that reported success is on disk even if the daemon is
-SIGKILLed the next instant. If the line cannot be made durable the daemon stops at once
-(fail-stop, exit 74): it never acknowledges a change it could lose, and the file never
-disagrees with what clients were told.
-
-The file (text; records are lines)::
-
-    memfs-state 1 <sha256 of line 2>
-    {"description": {...}, "ops": N, "checkpoint": null | {...}}
-    <seq> <crc32> ["state_store", [32, 1], {}, null]
-    <seq> <crc32> ["plug", [134217728], {"node": 0, ...}, 28]
-    ...
-
-* line 1: magic, format version, and the SHA-256 of line 2;
-* line 2, the header: the machine description as loaded (:func:`describe`: every key
-  explicit, ``block_size`` resolved, so it can be compared exactly), how many
-  operations the checkpoint already contains, and the checkpoint: the whole Machine
-  object graph (:func:`encode`), or null for the machine as booted;
-* then the journal: operation number ``seq`` (N+1, N+2, ... with no gap), a CRC-32 of
-  the rest of the line salted with the header hash (a line from another file does not
-  verify), and ``[name, args, kwargs, outcome]`` with outcome null (success), the
-  errno, or ``{"exception": TYPE}`` (a model bug, replayed as such).
-
-Loading (:meth:`StateFile.open`) verifies the magic, the version, the header hash and
-every complete journal line; compares the description with the one given at mount
-(a different one is refused, :class:`DescriptionMismatch`: the file's machine would
-otherwise be served under a description it was not made for); builds the Machine (from
-the checkpoint, or booted from the description) and replays the journal, which must
-give every recorded outcome again (``Machine.replay`` reports 0 mismatches). A torn
-final line (no newline: the daemon died inside ``write(2)``, before the fsync, so it was
-never acknowledged) is dropped and cut off. Anything else that does not verify is
-refused with :class:`StateError`, and nothing is loaded: never half a state.
-
-Compaction (at mount and in the running daemon once the journal holds
-``compact_every`` operations, and at a clean shutdown) writes a new checkpoint: the
-graph is encoded, decoded into a fresh Machine and re-encoded (the two encodings and
-the two ``memfs status`` snapshots must be equal, or no checkpoint is written), then the
-new file is written to a temporary file, fsynced, renamed over FILE and the directory
-fsynced, all under the hotplug lock. Creation uses the same write-temp + fsync, then
-``link(2)`` (never replacing a file someone else created).
-
-Only one daemon may use a file: it holds ``flock(LOCK_EX)`` on it (the temporary file
-of a compaction is locked before it is renamed into place).
+:class:`StateFile` is the Machine's journal callback: each operation is appended and
+``fdatasync``-ed under the hotplug lock before its caller is answered, or the daemon
+stops (exit 74). The file is a hashed header (the machine description and a verified
+checkpoint of the whole object graph, :func:`encode`) followed by CRC'd journal lines;
+:meth:`StateFile.open` verifies everything and replays the journal, refusing anything
+that does not verify. The format, the guarantees and the design choices are in
+docs/reliability.md.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -58,11 +21,15 @@ import importlib
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import zlib
 from typing import Any, Callable, Iterable
+
+from .machine.config import MachineConfig
+from .machine.events import EventLog
+from .machine.hotplug import Machine
+from .status import snapshot
 
 log = logging.getLogger("memfs.persist")
 
@@ -87,7 +54,7 @@ class DescriptionMismatch(StateError):
 
 # ---------------------------------------------------------------------- description
 
-def describe(cfg: Any) -> dict[str, Any]:
+def describe(cfg: MachineConfig) -> dict[str, Any]:
     """The machine description as loaded: every field of the MachineConfig (defaults
     explicit, ``block_size`` resolved), as JSON data. Two descriptions are equal exactly
     when they describe the same machine; a field added to MachineConfig later is
@@ -130,8 +97,6 @@ class CodecError(Exception):
 
 def _transients() -> dict[type, dict[str, Callable[[], Any]]]:
     """Fields that are not state (locks, callbacks) and what a decoded object gets instead."""
-    from .machine.events import EventLog
-    from .machine.hotplug import Machine
     return {
         Machine: {"lock": threading.RLock, "journal": lambda: None, "_depth": lambda: 0,
                   "listeners": list},
@@ -142,7 +107,7 @@ def _transients() -> dict[type, dict[str, Callable[[], Any]]]:
 _CONTAINERS = (list, dict, set, frozenset, tuple, collections.deque)
 
 
-def _externals(cfg: Any) -> tuple[dict[int, int], list[Any]]:
+def _externals(cfg: MachineConfig) -> tuple[dict[int, int], list[Any]]:
     """id() of every object and container reachable from the description -> its number
     (depth-first order, the same for any equal description), and those objects."""
     ext: dict[int, int] = {}
@@ -176,7 +141,15 @@ def _class_ok(cls: type) -> bool:
 _SCALARS = frozenset({type(None), bool, int, str})
 
 
-def encode(machine: Any) -> dict[str, Any]:
+def _sorted_members(x: set | frozenset) -> list:
+    """A set's members in a stable order, so equal machines encode to equal bytes."""
+    try:
+        return sorted(x)
+    except TypeError:
+        return sorted(x, key=repr)
+
+
+def encode(machine: Machine) -> dict[str, Any]:
     """The Machine's whole object graph as JSON-able data (call under ``machine.lock``).
 
     Generic: every attribute of every object is kept, except the transient ones above,
@@ -221,20 +194,12 @@ def encode(machine: Any) -> dict[str, Any]:
                 return {"d": [[k if type(k) in scalars else enc(k), v if type(v) in scalars else enc(v)]
                               for k, v in x.items()]}
             if t is set:
-                try:
-                    items = sorted(x)
-                except TypeError:
-                    items = sorted(x, key=repr)
-                return {"s": [enc(v) for v in items]}
+                return {"s": [enc(v) for v in _sorted_members(x)]}
             return {"q": [enc(v) for v in x], "m": x.maxlen}
         if t is tuple:
             return {"t": [v if type(v) in scalars else enc(v) for v in x]}
         if t is frozenset:
-            try:
-                items = sorted(x)
-            except TypeError:
-                items = sorted(x, key=repr)
-            return {"fs": [enc(v) for v in items]}
+            return {"fs": [enc(v) for v in _sorted_members(x)]}
         rec = records.get(id(x))
         if rec is not None:
             i = ids.get(id(x))
@@ -265,7 +230,7 @@ def encode(machine: Any) -> dict[str, Any]:
     return {"classes": classes, "root": root}
 
 
-def decode(data: dict[str, Any], cfg: Any) -> Any:
+def decode(data: dict[str, Any], cfg: MachineConfig) -> Machine:
     """A Machine from :func:`encode` output, bound to the description ``cfg``."""
     ext_ids, ext_list = _externals(cfg)
     ext_objs = {ext_ids[id(obj)]: obj for obj in ext_list}
@@ -322,7 +287,6 @@ def decode(data: dict[str, Any], cfg: Any) -> Any:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, ImportError, RecursionError) as e:
         raise CodecError(f"malformed checkpoint: {type(e).__name__}: {e}") from None
-    from .machine.hotplug import Machine
     if type(m) is not Machine or m.cfg is not cfg:
         raise CodecError("the checkpoint is not a Machine of this description")
     return m
@@ -332,17 +296,16 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def digest(machine: Any) -> str:
+def digest(machine: Machine) -> str:
     """SHA-256 of the machine's whole state (two machines in the same state, however
     they got there, have the same digest)."""
     with machine.lock:
         return hashlib.sha256(_canonical(encode(machine))).hexdigest()
 
 
-def checkpoint_of(machine: Any) -> dict[str, Any]:
+def checkpoint_of(machine: Machine) -> dict[str, Any]:
     """:func:`encode`, verified: decoding it gives a machine that encodes the same and
     shows the same ``memfs status``. Raises CodecError otherwise."""
-    from .status import snapshot
     with machine.lock:
         data = encode(machine)
         snap = snapshot(machine)
@@ -357,41 +320,6 @@ def checkpoint_of(machine: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- journal records
 
-_WRAPPER_CODE = None
-
-
-def _wrapper_code() -> Any:
-    global _WRAPPER_CODE
-    if _WRAPPER_CODE is None:
-        from .machine import hotplug
-        _WRAPPER_CODE = next((c for c in hotplug.journaled.__code__.co_consts
-                              if getattr(c, "co_name", None) == "wrapper"), False)
-    return _WRAPPER_CODE
-
-
-def _escaping_exception() -> BaseException | None:
-    """The non-OSError exception leaving the journaled operation that called us, if any.
-
-    The journaled wrapper reports only OSErrors; any other exception (a model bug) is
-    recorded too, so that replay expects it rather than success.
-    """
-    exc = sys.exc_info()[1]
-    if exc is None or isinstance(exc, OSError):
-        return None
-    code = _wrapper_code()
-    if not code:
-        return None
-    f = sys._getframe(1)
-    while f is not None and f.f_code is not code:
-        f = f.f_back
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame is f:
-            return exc
-        tb = tb.tb_next
-    return None
-
-
 def _outcome_text(outcome: Any) -> str:
     if outcome is None:
         return "success"
@@ -400,7 +328,7 @@ def _outcome_text(outcome: Any) -> str:
     return f"{outcome.get('exception')} (a model bug)"
 
 
-def _replay_one(machine: Any, entry: list) -> bool:
+def _replay_one(machine: Machine, entry: list) -> bool:
     """Run one journal entry again; True if it gives the recorded outcome.
 
     Plain entries go through ``Machine.replay`` (which must report 0 mismatches);
@@ -439,7 +367,6 @@ def _rename_noreplace(src: str, dst: str) -> None:
     """rename(2) that fails EEXIST instead of replacing ``dst``: renameat2(RENAME_NOREPLACE),
     or link(2) + unlink(2) where that is not supported (the open descriptor then shows the
     temporary name as deleted in /proc, which is only cosmetic)."""
-    import ctypes
     fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if fn is not None:
         fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -573,7 +500,7 @@ class StateFile:
     """An open state file attached to a Machine: ``StateFile.open(path, cfg)``."""
 
     def __init__(self, path: str, fd: int, header_hash: str, ops: int, journal_len: int,
-                 machine: Any, on_fatal: Callable[[str], None] = _fatal) -> None:
+                 machine: Machine, on_fatal: Callable[[str], None] = _fatal) -> None:
         self.path = path
         self.fd = fd
         self.hash = header_hash
@@ -595,9 +522,8 @@ class StateFile:
     # -- opening -----------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, cfg: Any, on_fatal: Callable[[str], None] = _fatal) -> "StateFile":
+    def open(cls, path: str, cfg: MachineConfig, on_fatal: Callable[[str], None] = _fatal) -> "StateFile":
         """Restore the machine saved in ``path`` (or create the file), attach the journal."""
-        from .machine.hotplug import Machine
         path = os.path.abspath(path)
         t0 = time.monotonic()
         while True:
@@ -662,8 +588,7 @@ class StateFile:
             raise
 
     @staticmethod
-    def _restore(p: Parsed, cfg: Any, path: str) -> Any:
-        from .machine.hotplug import Machine
+    def _restore(p: Parsed, cfg: MachineConfig, path: str) -> Machine:
         if p.header.get("checkpoint") is not None:
             try:
                 machine = decode(p.header["checkpoint"], cfg)
@@ -704,13 +629,13 @@ class StateFile:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         return fd, tmp
 
     @classmethod
-    def _create(cls, path: str, cfg: Any) -> tuple[int, str] | None:
+    def _create(cls, path: str, cfg: MachineConfig) -> tuple[int, str] | None:
         content, h = _header_lines(describe(cfg), 0, None)
         try:
             fd, tmp = cls._write_new(path, content)
@@ -727,7 +652,7 @@ class StateFile:
             os.close(fd)
             raise StateError(f"cannot create the state file {path}: {e.strerror}") from None
         finally:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
         return fd, h
 
@@ -740,22 +665,18 @@ class StateFile:
             return
         for n in names:
             if n.startswith(prefix):
-                with _suppress():
+                with contextlib.suppress(OSError):
                     os.unlink(os.path.join(d, n))
                     log.info("removed %s (left by a compaction that did not finish)", n)
 
     # -- the journal callback -------------------------------------------------
 
-    def append(self, name: str, args: tuple, kw: dict, err: int | None) -> None:
+    def append(self, name: str, args: tuple, kw: dict, outcome: int | BaseException | None) -> None:
         """``Machine.journal``: make one operation durable before its caller is answered."""
         if self.closed:
             raise OSError(errno.ESHUTDOWN, "memfs is shutting down; the change was not saved")
-        outcome: Any = err
-        if err is None:
-            exc = _escaping_exception()
-            if exc is not None:
-                outcome = {"exception": type(exc).__name__}
-        record = [name, list(args), dict(kw), outcome]
+        recorded = {"exception": type(outcome).__name__} if isinstance(outcome, BaseException) else outcome
+        record = [name, list(args), dict(kw), recorded]
         try:
             line = _entry_line(self.ops + 1, self.salt, record)
         except (TypeError, ValueError) as e:
@@ -819,7 +740,6 @@ class StateFile:
 
     def _take_checkpoint(self) -> tuple[dict, dict, int] | None:
         """(encoded graph, status snapshot, operations it contains); under the lock."""
-        from .status import snapshot
         try:
             return encode(self.machine), snapshot(self.machine), self.ops
         except (CodecError, RecursionError) as e:
@@ -831,7 +751,6 @@ class StateFile:
     def _stage(self, data: dict, snap: dict, ops: int) -> tuple[int, str, str, int, int] | None:
         """Verify a checkpoint and write it to a fsynced, locked temporary file:
         (fd, temp path, header hash, operations, bytes), or None."""
-        from .status import snapshot
         try:
             text = _canonical(data)
             back = decode(json.loads(text), self.machine.cfg)
@@ -855,7 +774,7 @@ class StateFile:
 
     def _discard(self, staged: tuple[int, str, str, int, int]) -> None:
         os.close(staged[0])
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(staged[1])
 
     def _install(self, staged: tuple[int, str, str, int, int], t0: float) -> bool:
@@ -910,14 +829,6 @@ class StateFile:
             os.close(self.fd)
 
 
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
-
-
 def read_journal(path: str) -> tuple[dict[str, Any], list[list]]:
     """(header, journal entries) of a state file, verified (for tests and tools)."""
     with open(path, "rb") as f:
@@ -925,7 +836,7 @@ def read_journal(path: str) -> tuple[dict[str, Any], list[list]]:
     return p.header, p.entries
 
 
-def load_machine(path: str, cfg: Any) -> Any:
+def load_machine(path: str, cfg: MachineConfig) -> Machine:
     """The machine a state file holds, restored without taking it over (read-only)."""
     with open(path, "rb") as f:
         p = parse(f.read(), path)
@@ -935,8 +846,7 @@ def load_machine(path: str, cfg: Any) -> Any:
     return StateFile._restore(p, cfg, path)
 
 
-def replay_fresh(entries: Iterable[list], cfg: Any) -> tuple[Any, int]:
+def replay_fresh(entries: Iterable[list], cfg: MachineConfig) -> tuple[Machine, int]:
     """A fresh Machine of ``cfg`` with ``entries`` replayed; (machine, mismatches)."""
-    from .machine.hotplug import Machine
     m = Machine(cfg)
     return m, m.replay([tuple(e) for e in entries])

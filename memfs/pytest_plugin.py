@@ -9,185 +9,30 @@ For testing tools that read and write /sys/devices/system/memory::
         m.call("plug", size="128M")                        # a control op (memfs.control)
         r = m.cli("unplug", "dimm4")                       # or the memfs CLI: memfs unplug MNT dimm4
 
-``memfs_mount(config=None, kernel=None, sets=None, extra=())`` starts a daemon with
-``python -m memfs mount`` on a fresh 0755 directory under /tmp (so other users can reach
-it), and returns a :class:`MemfsMount`. Every mount is torn down at the end of the test,
-even on failure: ``memfs umount``, then ``fusermount -u -z`` and SIGKILL of the daemon it
-started if that did not work. A watchdog (default 300 s) kills a daemon that outlives its
-test, so a hung mount fails the test instead of hanging the run. Mounting needs root (or
-a usable fusermount) and /dev/fuse.
+``memfs_mount(config=None, kernel=None, sets=None, extra=())`` mounts a machine for the
+test (memfs.testing.mount.memfs_mounted); ``memfs_machine`` is a mounted machine with its
+sandbox, whose ``run()`` executes commands where the memory sysfs and /proc files are
+memfs's (memfs.testing.machine; options by the ``memfs`` marker). Both skip with the
+reason where FUSE (or, for the sandbox, root) is missing, and tear everything down.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from memfs.cli import pid_gone as _pid_gone
+from memfs.testing.machine import MemfsMachine, memfs_machine_cm, options
+from memfs.testing.mount import (CLI_TIMEOUT, MemfsMount, _cleanup, _pid_gone, fuse_unavailable,
+                                 memfs_cli, memfs_mounted)
 
-CLI_TIMEOUT = 60.0
-
-
-def fuse_unavailable() -> str | None:
-    """Why memfs cannot be mounted here, or None."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse missing"
-    if shutil.which("fusermount") is None:
-        return "fusermount missing (apt-get install fuse)"
-    try:
-        import fuse  # noqa: F401  (fusepy: loads libfuse.so.2)
-    except (ImportError, OSError, EnvironmentError) as e:
-        return f"fusepy/libfuse unusable: {e}"
-    return None
-
-
-def memfs_cli(*args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None,
-              prefix: Sequence[str] = (), python: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m memfs ARGS`` with a hard time bound."""
-    argv = [*prefix, python or sys.executable, "-m", "memfs", *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                          stdin=subprocess.DEVNULL)
-
-
-class MemfsMount:
-    """A running memfs: ``path`` (the sysroot), ``pid`` of its daemon, helpers to drive it."""
-
-    def __init__(self, path: Path, pid: int, mount_output: str) -> None:
-        self.path = path
-        self.pid = pid
-        self.mount_output = mount_output
-        self._watchdog: threading.Timer | None = None
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
-    def __truediv__(self, other: str) -> Path:
-        return self.path / other
-
-    def __str__(self) -> str:
-        return os.fspath(self.path)
-
-    @property
-    def memory(self) -> Path:
-        """MNT/sys/devices/system/memory"""
-        return self.path / "sys/devices/system/memory"
-
-    def cli(self, command: str, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        """``memfs COMMAND MNT ARGS...``"""
-        return memfs_cli(command, os.fspath(self.path), *args, timeout=timeout)
-
-    def client(self) -> Any:
-        from memfs.control import ControlClient
-        return ControlClient(self.path, timeout=CLI_TIMEOUT)
-
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        """One control op; raises memfs.control.ControlError on an error reply."""
-        with self.client() as c:
-            return c.call(op, **fields)
-
-    def status(self) -> dict[str, Any]:
-        return self.call("status")["status"]
-
-    def log(self) -> str:
-        from memfs import control
-        for d in control.run_dirs():
-            p = control.paths_in(d, self.path)["log"]
-            if os.path.exists(p):
-                return Path(p).read_text(errors="replace")
-        return ""
-
-    def alive(self) -> bool:
-        return not _pid_gone(self.pid)
-
-    def kill(self) -> None:
-        """SIGKILL the daemon (it is ours): leaves a dead mount behind."""
-        if not _pid_gone(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not _pid_gone(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-def _cleanup(path: Path, pid: int | None) -> None:
-    from memfs import control
-    from memfs.daemon import FSTYPE, lazy_unmount, mounts_at
-    with contextlib.suppress(Exception):
-        memfs_cli("umount", os.fspath(path), timeout=30)
-    for _ in range(8):
-        if FSTYPE not in mounts_at(path):
-            break
-        with contextlib.suppress(Exception):
-            lazy_unmount(os.fspath(path))
-    if pid is not None and not _pid_gone(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not _pid_gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    key = control.mount_key(path)
-    for d in control.run_dirs():  # <key>.sock/.lock/.log and whatever else the daemon kept there
-        for p in glob.glob(os.path.join(glob.escape(d), key + ".*")):
-            with contextlib.suppress(OSError):
-                os.unlink(p)
-
-
-@contextlib.contextmanager
-def memfs_mounted(config: str | os.PathLike[str] | None = None, kernel: str | None = None,
-                  sets: dict[str, Any] | None = None, extra: Sequence[str] = (),
-                  watchdog: float | None = 300.0) -> Iterator[MemfsMount]:
-    """Mount a memfs on a fresh /tmp directory for the duration of the block."""
-    base = tempfile.mkdtemp(prefix="memfs-test-", dir="/tmp")
-    os.chmod(base, 0o755)
-    path = Path(base) / "mnt"
-    path.mkdir()
-    args = ["mount", os.fspath(path)]
-    if config is not None:
-        args += ["--config", os.fspath(config)]
-    if kernel is not None:
-        args += ["--kernel", kernel]
-    for k, v in (sets or {}).items():
-        args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    args += list(extra)
-    pid: int | None = None
-    m: MemfsMount | None = None
-    try:
-        r = memfs_cli(*args)
-        if r.returncode != 0:
-            raise RuntimeError(f"memfs mount failed (exit {r.returncode}):\n{r.stdout}{r.stderr}")
-        from memfs.control import ControlClient
-        with ControlClient(path, timeout=30) as c:
-            pid = c.call("ping")["pid"]
-        m = MemfsMount(path, pid, r.stdout)
-        if watchdog:
-            def fire() -> None:
-                sys.stderr.write(f"memfs pytest plugin: watchdog fired after {watchdog}s; "
-                                 f"killing memfs daemon {pid}\n")
-                _cleanup(path, pid)
-            m._watchdog = threading.Timer(watchdog, fire)
-            m._watchdog.daemon = True
-            m._watchdog.start()
-        yield m
-    finally:
-        if m is not None and m._watchdog is not None:
-            m._watchdog.cancel()
-        _cleanup(path, pid)
-        shutil.rmtree(base, ignore_errors=True)
+# the helpers memfs's own tests import from here
+__all__ = ["CLI_TIMEOUT", "MemfsMachine", "MemfsMount", "_cleanup", "_pid_gone", "fuse_unavailable",
+           "memfs_cli", "memfs_machine", "memfs_mount", "memfs_mounted", "pytest_configure"]
 
 
 @pytest.fixture
-def memfs_mount() -> Iterator[Any]:
+def memfs_mount() -> Iterator[Callable[..., MemfsMount]]:
     """Factory: ``memfs_mount(config=None, kernel=None, sets=None, extra=())`` -> MemfsMount."""
     reason = fuse_unavailable()
     if reason:
@@ -198,7 +43,14 @@ def memfs_mount() -> Iterator[Any]:
         yield make
 
 
-# ---------------------------------------------------------------------- sandbox hook
-# The memfs_machine fixture (mount + sandbox: run() executes commands where the memory
-# sysfs and /proc files are memfs's) and the ``memfs`` marker: memfs/sandbox_pytest.py.
-from memfs.sandbox_pytest import memfs_machine, pytest_configure  # noqa: E402,F401
+@pytest.fixture
+def memfs_machine(request: pytest.FixtureRequest) -> Iterator[MemfsMachine]:
+    """A mounted memfs machine with its sandbox; see memfs.testing.machine."""
+    with memfs_machine_cm(options(request)) as m:
+        yield m
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "memfs(config=None, kernel=None, sets=None, sandbox=True, uevent_helper=None, "
+                   "udev_rules=None): options of the memfs_machine fixture")

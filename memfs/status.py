@@ -1,7 +1,7 @@
 """`memfs status`: a JSON snapshot of a Machine, and its text rendering.
 
 `snapshot(machine)` is what the control channel's ``status`` op returns (and what
-``memfs status --json`` prints); README "memfs status --json" documents its keys.
+``memfs status --json`` prints); docs/cli.md documents its keys.
 `render_text(snapshot)` only reads that dict, so the CLI can render a reply from a
 daemon without the model.
 """
@@ -204,6 +204,10 @@ def render_text(s: dict[str, Any]) -> str:
                f"memmap_on_memory={str(s['memmap_on_memory']).lower()}")
     if s.get("state_file"):
         out.append(f"state file: {s['state_file']} (every change is saved there; the next mount with it resumes)")
+    sb = s.get("sandbox")
+    if sb:
+        out.append(f"sandbox: running (holder pid {sb['holder']}; memfs exec/udevd work)" if sb["running"]
+                   else f"sandbox: none ({sb['error'] or 'starting'})")
     mi = s["meminfo"]
     out.append(f"MemTotal: {mi['MemTotal']:>12} kB   MemFree: {mi['MemFree']:>12} kB   "
                f"blocks: {len(blocks)} ({n_on} online, {len(blocks) - n_on} offline)")

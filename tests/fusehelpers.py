@@ -40,24 +40,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 
 from memfs.sysfs.kernfs import Tree
+from memfs.testing.mount import fuse_unavailable
 
 TreeSource = Union[Tree, Callable[[], Tree]]
 
 #: Prefix running a command as user/group nobody with no supplementary groups.
 AS_NOBODY: tuple[str, ...] = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-
-
-def fuse_unavailable() -> str | None:
-    """Why FUSE mounts cannot be tested here, or None if they can."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse missing"
-    if shutil.which("fusermount") is None:
-        return "fusermount missing"
-    try:
-        import fuse  # noqa: F401  (fusepy; loads libfuse)
-    except (ImportError, OSError, EnvironmentError) as e:  # pragma: no cover
-        return f"fusepy/libfuse unusable: {e}"
-    return None
 
 
 def is_mountpoint(path: str | os.PathLike[str]) -> bool:

@@ -9,7 +9,7 @@
   same outcomes, and in the end the same state digest, as the daemon.
 * :func:`invariants` checks the accounting identities on a ``memfs status`` snapshot.
 * :func:`log_problems` lists what must never appear in a daemon log.
-* :data:`FIGURES` collects the numbers the README's "Reliability" section quotes;
+* :data:`FIGURES` collects the numbers docs/reliability.md quotes;
   every test adds to it, and the run's totals go to ``$MEMFS_RELIABILITY_FIGURES``
   (default ``/tmp/memfs-reliability-figures.json``) at the end of the session.
 """
@@ -289,13 +289,6 @@ def invariants(s: dict[str, Any]) -> list[str]:
             if b not in blocks or blocks[b]["device"] != d["id"]:
                 bad.append(f"device {d['id']}: block {b} is not its own")
     return bad
-
-
-@pytest.fixture(scope="module", autouse=True)
-def figures_after_module():
-    """Imported by every reliability test module: writes the figures when the module ends."""
-    yield
-    write_figures()
 
 
 def pwrite(path, data: bytes, offset: int = 0) -> int | None:

@@ -17,11 +17,13 @@ from memfs.pytest_plugin import _cleanup, fuse_unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd/memfs@.service"
+UDEVD_UNIT = REPO / "systemd/memfs-udevd@.service"
+NO_SANDBOX = REPO / "systemd/memfs@.service.d/no-sandbox.conf"
 
 
-def _unit_lines() -> dict[str, list[str]]:
+def _unit_lines(unit: Path = UNIT) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith(("#", "[")):
             k, v = line.split("=", 1)
             out.setdefault(k.strip(), []).append(v.strip())
@@ -32,7 +34,8 @@ def test_unit_content():
     u = _unit_lines()
     assert u["Type"] == ["notify"]
     assert u["ExecStart"] == ["/usr/local/bin/memfs mount --foreground --config ${MEMFS_CONFIG} "
-                              "--state ${MEMFS_STATE} ${MEMFS_MOUNT}"]
+                              "--state ${MEMFS_STATE} $MEMFS_SANDBOX ${MEMFS_MOUNT}"]
+    assert "MEMFS_SANDBOX=" in u["Environment"]
     assert u["ExecStop"] == ["/usr/local/bin/memfs umount ${MEMFS_MOUNT}"]
     assert "MEMFS_CONFIG=/etc/memfs/%i.toml" in u["Environment"]
     assert "MEMFS_MOUNT=/run/memfs/%i" in u["Environment"]
@@ -40,6 +43,28 @@ def test_unit_content():
     assert u["StateDirectory"] == ["memfs"] and u["StateDirectoryMode"] == ["0700"]
     assert u["Restart"] == ["on-failure"]
     assert u["DeviceAllow"] == ["/dev/fuse rwm"]
+    # what the sandbox needs, and no more (tests/integration/test_systemd_nspawn.py runs it)
+    assert u["RestrictNamespaces"] == ["user mnt net pid"]
+    assert u["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
+    assert u["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN CAP_SETUID CAP_SETGID CAP_SETFCAP"]
+    comments = "\n".join(line for line in UNIT.read_text().splitlines() if line.startswith("#"))
+    for grant in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETFCAP", "AF_NETLINK"):
+        assert grant in comments, f"{grant}: no comment says why"
+    # the drop-in that turns the sandbox off takes every grant back
+    d = _unit_lines(NO_SANDBOX)
+    assert d["Environment"] == ["MEMFS_SANDBOX=--no-sandbox"]
+    assert d["RestrictNamespaces"] == ["yes"]
+    assert d["RestrictAddressFamilies"] == ["", "AF_UNIX"]
+    assert d["CapabilityBoundingSet"] == ["", "CAP_SYS_ADMIN"]
+
+
+def test_udevd_unit_content():
+    u = _unit_lines(UDEVD_UNIT)
+    assert u["BindsTo"] == ["memfs@%i.service"] and u["After"] == ["memfs@%i.service"]
+    assert u["WantedBy"] == ["memfs@%i.service"]
+    assert u["ExecStart"] == ["/usr/local/bin/memfs udevd --foreground --rules ${MEMFS_RULES} ${MEMFS_MOUNT}"]
+    assert "MEMFS_RULES=/etc/memfs/%i.rules.d" in u["Environment"]
+    assert u["RestrictNamespaces"] == ["user mnt net pid"]
     # options that would hide the mount in a private mount namespace
     for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ReadWritePaths",
                 "ProtectKernelTunables", "MountFlags", "PrivateMounts"):
@@ -54,9 +79,13 @@ def test_systemd_analyze_verify(tmp_path):
     text = UNIT.read_text().replace("/usr/local/bin/memfs", exe)
     for name in ("memfs@.service", "memfs@lab.service"):
         (tmp_path / name).write_text(text)
-    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "memfs@lab.service")],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    (tmp_path / "memfs-udevd@.service").write_text(UDEVD_UNIT.read_text().replace("/usr/local/bin/memfs", exe))
+    (tmp_path / "memfs@lab.service.d").mkdir()
+    (tmp_path / "memfs@lab.service.d/no-sandbox.conf").write_text(NO_SANDBOX.read_text())
+    for unit in ("memfs@lab.service", "memfs-udevd@.service"):
+        r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
     # and it does complain about a broken unit
     (tmp_path / "memfs@bad.service").write_text(text.replace("Type=notify", "Type=notifyy"))
     r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "memfs@bad.service")],
@@ -78,6 +107,8 @@ def test_unit_command_lines_work_like_systemd_runs_them():
 
     def argv(line: str) -> list[str]:
         line = re.sub(r"\$\{(\w+)\}", lambda m: env_vars[m.group(1)], line)
+        # "$VAR" unbraced: split into words, none when empty (systemd.service, "Command lines")
+        line = re.sub(r"\$(\w+)", lambda m: env_vars.get(m.group(1), ""), line)
         words = line.split()
         assert words[0] == "/usr/local/bin/memfs"
         return [sys.executable, "-m", "memfs", *words[1:]]

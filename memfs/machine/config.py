@@ -1,6 +1,6 @@
 """Machine description: a TOML file (or the embedded default) turned into typed config.
 
-The keys are a contract other tools rely on (README "Machine description"). Anything
+The keys are a contract other tools rely on (docs/machine.md). Anything
 unknown or inconsistent is refused at load with a message naming the key and the fix.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from .profiles import ARCHES, DEFAULT_ARCH, DEFAULT_KERNEL, PROFILES, GiB, MiB
+from .profiles import ARCHES, BOOT_CALIBRATION, DEFAULT_ARCH, DEFAULT_KERNEL, PROFILES, GiB, MiB, resolve_kernel
 
 
 class ConfigError(ValueError):
@@ -71,8 +71,8 @@ class NodeConfig:
     # arm64 MEMBLOCK_NOMAP): present in the zone, never managed, not "System RAM", so a
     # block holding some has holes for offline_pages()
     nomap: list[tuple[int, int]] = field(default_factory=list)
-    reserved: int = 0  # bytes the kernel keeps at boot (present, not managed)
-    used: int = 0  # bytes of managed memory the booted kernel has in use
+    reserved: int | str = 0  # bytes the kernel keeps at boot (present, not managed), or "auto"
+    used: int | str = 0  # bytes of managed memory the booted kernel has in use, or "auto"
     cpus: bool = True  # a node with CPUs stays online even without memory
     cpu_ids: list[int] = field(default_factory=list)  # resolved by validate(): nodeN/cpulist
     # node_distance(id, j) for each [[node]] j in id order (the ACPI SLIT row); empty: 10 to
@@ -80,7 +80,7 @@ class NodeConfig:
     distance: list[int] = field(default_factory=list)
 
 
-RESERVE_KINDS = ("kernel", "firmware", "reserved", "cma")
+RESERVE_KINDS = ("kernel", "firmware", "reserved", "cma", "used")
 
 
 @dataclass
@@ -89,7 +89,8 @@ class ReserveConfig:
 
     kernel/firmware/reserved: PageReserved pages (present, not managed) that page
     isolation refuses; cma: managed pages in MIGRATE_CMA pageblocks, which offlining
-    cannot isolate either (mm/page_isolation.c has_unmovable_pages()).
+    cannot isolate either (mm/page_isolation.c has_unmovable_pages()); used: managed pages
+    the booted kernel holds there (slab, page tables: unmovable), on top of [[node]] used.
     """
     start: int
     end: int
@@ -210,6 +211,17 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
+def parse_sets(sets: Iterable[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments (of ``memfs mount`` and the daemon) -> overrides."""
+    overrides: dict[str, Any] = {}
+    for kv in sets:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip():
+            raise ConfigError(f"--set {kv}: expected KEY=VALUE, e.g. --set boot.memhp_default_state=online")
+        overrides[k.strip()] = parse_set_value(v)
+    return overrides
+
+
 def parse_set_value(text: str) -> Any:
     """Value of ``--set KEY=VALUE``: TOML syntax when it parses, else a bare string."""
     try:
@@ -222,9 +234,10 @@ def from_dict(raw: dict[str, Any]) -> MachineConfig:
     _check_keys(raw, _TOP_KEYS, "")
     cfg = MachineConfig()
     if "kernel" in raw:
-        cfg.kernel = str(raw["kernel"])
-        if cfg.kernel not in PROFILES:
-            raise ConfigError(f"kernel: unknown profile {cfg.kernel!r}; choose one of {', '.join(PROFILES)}")
+        try:  # a profile name, or a release string such as 6.12.117+deb13-amd64
+            cfg.kernel, _ = resolve_kernel(str(raw["kernel"]))
+        except ValueError as e:
+            raise ConfigError(f"kernel: {e}") from None
     if "arch" in raw:
         cfg.arch = str(raw["arch"])
         if cfg.arch not in ARCHES:
@@ -317,8 +330,9 @@ def _node(t: dict, i: int) -> NodeConfig:
     if isinstance(nomap, str):
         nomap = [nomap]
     n.nomap = sorted(parse_range(r, where + "nomap") for r in nomap)
-    n.reserved = parse_size(t.get("reserved", 0), where + "reserved")
-    n.used = parse_size(t.get("used", 0), where + "used")
+    # "auto": what the profile's kernel build reserves and uses at boot (resolved in validate)
+    n.reserved = "auto" if t.get("reserved") == "auto" else parse_size(t.get("reserved", 0), where + "reserved")
+    n.used = "auto" if t.get("used") == "auto" else parse_size(t.get("used", 0), where + "used")
     cpus = t.get("cpus", True)
     if isinstance(cpus, str):
         n.cpu_ids = parse_cpulist(cpus, where + "cpus")
@@ -442,7 +456,7 @@ def probe_memory_block_size(cfg: MachineConfig) -> int:
     arch = cfg.arch_profile
     if cfg.arch != "x86_64":
         return arch.section_size
-    end = boot_end(cfg)
+    end = max((e for n in cfg.nodes for _, e in n.ram), default=0)  # max_pfn: e820 RAM only
     if end < 64 * GiB:
         return 128 * MiB
     if not cfg.hypervisor:
@@ -479,6 +493,29 @@ def _resolve_cpus_and_distances(cfg: MachineConfig) -> None:
                 raise ConfigError(f"{where}: {d} to node {j}: the distance to itself is 10, to others 11..254")
 
 
+def resolve_boot_numbers(cfg: MachineConfig) -> None:
+    """``reserved``/``used`` = "auto": the boot numbers of the profile's kernel build.
+
+    Reserved: the memmap of the node's boot sections (memblock-allocated by sparse_init(),
+    mm/sparse.c, never freed to the buddy allocator) plus, on the first node with RAM, the
+    build's other early reservations (kernel image, SWIOTLB, ...). Used: the build's pages
+    in use after boot, on that same node. Both in bytes once resolved."""
+    arch = cfg.arch_profile
+    cal = BOOT_CALIBRATION[cfg.kernel]
+    section_pages = arch.section_size // arch.page_size
+    memmap_pages = -(-section_pages * cfg.struct_page_size // arch.page_size)
+    first = next((n.id for n in sorted(cfg.nodes, key=lambda n: n.id) if n.ram), None)
+    for n in cfg.nodes:
+        if n.reserved == "auto":
+            sections = {pfn // section_pages for s, e in n.ram
+                        for pfn in range(s // arch.page_size, e // arch.page_size, section_pages)}
+            sections |= {(e // arch.page_size - 1) // section_pages for s, e in n.ram if e > s}
+            pages = len(sections) * memmap_pages + (cal.early_reserved if n.id == first else 0)
+            n.reserved = pages * arch.page_size
+        if n.used == "auto":
+            n.used = (cal.used if n.id == first else 0) * arch.page_size
+
+
 def validate(cfg: MachineConfig) -> None:
     arch = cfg.arch_profile
     if cfg.block_size == "auto":
@@ -490,6 +527,7 @@ def validate(cfg: MachineConfig) -> None:
     ids = [n.id for n in cfg.nodes]
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise ConfigError("node.id: node ids must be unique and non-negative")
+    resolve_boot_numbers(cfg)
     spans: list[tuple[int, int, str]] = []
     for n in cfg.nodes:
         for s, e in n.ram:
@@ -528,9 +566,6 @@ def validate(cfg: MachineConfig) -> None:
             spans.append((d.addr, d.addr + d.size, where))
         if d.node not in ids:
             raise ConfigError(f"{where}: node {d.node} is not a configured [[node]]; add one (ram may be empty)")
-    if not cfg.acpi_memory_hotplug and any(d.driver == "acpi" for d in cfg.dimms):
-        raise ConfigError("dimm: driver \"acpi\" needs acpi_memory_hotplug = true (this kernel has no "
-                          "CONFIG_ACPI_HOTPLUG_MEMORY); use driver = \"virtio_mem\" or \"dax_kmem\"")
     if len([d for d in cfg.dimms if d.driver == "acpi"]) > cfg.slots:
         raise ConfigError(f"hotplug.slots: {cfg.slots} slots cannot hold the {len(cfg.dimms)} ACPI DIMMs")
     taken: dict[int, str] = {}

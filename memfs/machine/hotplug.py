@@ -11,9 +11,9 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
-from collections import deque
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -25,7 +25,8 @@ from .blocks import (
 )
 from .config import ConfigError, MachineConfig, StateConfig, load_config
 from .events import EventLog
-from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, make_zones
+from .lockdep import lockdep_assert_held
+from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, arm64_zone_limits, make_zones
 
 EHWPOISON = 133  # not in Python's errno module on every platform
 
@@ -33,7 +34,10 @@ EHWPOISON = 133  # not in Python's errno module on every platform
 _MAX_PHYSMEM_BITS = {"x86_64": 46}
 
 
-Journal = Callable[[str, tuple, dict, "int | None"], None]
+# The journal callback: (operation, args, kwargs, outcome). The outcome is None for
+# success, the errno of an OSError (what the caller was answered), or any other
+# exception escaping the operation (a model bug, which a replay must raise again).
+Journal = Callable[[str, tuple, dict, "int | BaseException | None"], None]
 
 
 def journaled(fn):
@@ -49,21 +53,24 @@ def journaled(fn):
     def wrapper(self: "Machine", *args: Any, **kw: Any) -> Any:
         with self.lock:
             self._depth += 1
-            err: int | None = None
+            outcome: int | BaseException | None = None
             try:
                 return fn(self, *args, **kw)
             except OSError as e:
-                err = e.errno
+                outcome = e.errno
+                raise
+            except BaseException as e:
+                outcome = e
                 raise
             finally:
                 self._depth -= 1
                 if self._depth == 0 and self.journal is not None:
-                    self.journal(name, args, kw, err)
+                    self.journal(name, args, kw, outcome)
     return wrapper
 
 
 @dataclass
-class Ost:
+class AcpiOstReport:
     """An ACPI _OST report, as QEMU shows it in ACPI_DEVICE_OST events."""
     device: str
     source: int
@@ -94,7 +101,7 @@ class Machine:
         self.groups: dict[int, MemoryGroup] = {}
         self._next_group = 0
         self.allocator = Allocator(self)
-        self.ost_log: deque[Ost] = deque(maxlen=10_000)  # recent ACPI _OST reports
+        self.ost_log: deque[AcpiOstReport] = deque(maxlen=10_000)  # recent ACPI _OST reports
         self.poisoned: set[int] = set()
         # module parameters and sysfs knobs
         b = cfg.boot
@@ -129,18 +136,32 @@ class Machine:
         return -(-self.pages_per_section * self.cfg.struct_page_size // self.page_size)
 
     # ------------------------------------------------------------------ boot
+    def low_zones(self) -> tuple[tuple[str, int], ...]:
+        """The zones below ZONE_NORMAL and their ends: fixed on x86_64 (16 MiB, 4 GiB);
+        on arm64 from where boot memory starts and ends and the firmware's DMA limit."""
+        if not self.cfg.arch.startswith("arm64"):
+            return self.arch.low_zones
+        mem = [r for n in self.cfg.nodes for r in n.ram + n.nomap]
+        if not mem:
+            return self.arch.low_zones
+        dma, dma32 = arm64_zone_limits(min(s for s, _ in mem), max(e for _, e in mem), self.cfg.dma_limit,
+                                       self.profile.arm64_zone_dma_limit)
+        return (("DMA", dma), ("DMA32", dma32))
+
     def _boot(self) -> None:
-        arch = self.arch
+        low_zones = self.low_zones()
         for n in self.cfg.nodes:
-            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus,
+            node = Node(n.id, make_zones(n.id, low_zones, self.page_shift), cpus=n.cpus,
                         cpu_ids=tuple(n.cpu_ids))
             node.online = bool(n.ram) or n.cpus
             self.nodes[n.id] = node
         present_sections: set[int] = set()
+        shift = self.page_shift
         for n in self.cfg.nodes:
             node = self.nodes[n.id]
-            for start, end in n.ram:
-                self._boot_range(node, start >> self.page_shift, end >> self.page_shift, present_sections)
+            # memblock.memory: System RAM and the firmware's nomap regions alike
+            for start, end in sorted(n.ram + n.nomap):
+                self._boot_range(node, start >> shift, end >> shift, present_sections)
         for zone in self._all_zones():
             zone.members.sort()
         for blk in self.blocks.values():
@@ -149,7 +170,18 @@ class Machine:
                 (zidx,) = parts
                 blk.zone = self.nodes[blk.nid].zones[zidx]
         self.nr_memmap_boot_pages = len(present_sections) * self.section_memmap_pages()
+        self.boot_sections = present_sections  # present_section_nr(): sections memblock has memory in
         self.boot_normal_nodes = {n.id for n in self.nodes.values() if n.has_normal_memory()}
+        for n in self.cfg.nodes:
+            for start, end in n.nomap:  # present, never managed, not System RAM
+                self._reserve_range(start >> shift, end >> shift, nomap=True)
+        for r in self.cfg.reserves:
+            if r.kind == "cma":
+                self._cma_range(r.start >> shift, r.end >> shift)
+            elif r.kind == "used":
+                continue  # allocated below, once zones know what they manage
+            else:  # memblock_reserve(): the kernel image, initrd, firmware tables
+                self._reserve_range(r.start >> shift, r.end >> shift)
         if self.cfg.arch == "x86_64":  # x86 keeps the first 1 MiB reserved (since 5.13)
             low_end = (1 << 20) >> self.page_shift
             for n in self.cfg.nodes:
@@ -169,6 +201,10 @@ class Machine:
         # Boot blocks' `add` events went out before any listener existed (userspace
         # replays them by coldplug): they use up SEQNUMs but are not kept.
         self.events.seqnum += len(self.blocks)
+        for r in self.cfg.reserves:
+            if r.kind == "used":  # the kernel's own pages at a known place: unmovable
+                for blk, _, n in list(self._overlaps(r.start >> shift, r.end >> shift)):
+                    self.allocator.allocate(_alloc.UNMOVABLE, n, blk.nid, label="kernel", order=[blk])
         for n in self.cfg.nodes:
             pages = n.used >> self.page_shift
             if pages:
@@ -184,28 +220,29 @@ class Machine:
     def _apply_state(self, i: int, st: StateConfig, bids: list[int]) -> None:
         """One [[state]] entry: `st.state` written to each block's `state`, as state_store()
         would take it, unless the block is in that state (and zone) already."""
-        want = ONLINE_TYPE_NAMES.index(st.state)
-        for bid in bids:
-            mem = self.blocks.get(bid)
-            if mem is None:
-                raise ConfigError(f"state[{i}].blocks: memory{bid} does not exist on this machine "
-                                  f"(it has memory{min(self.blocks)} to memory{max(self.blocks)}, with holes)")
-            try:
-                if want == MMOP_OFFLINE:
-                    self.device_offline(mem)
-                else:
-                    if mem.state == MEM_ONLINE and st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
-                        self.device_offline(mem)  # auto-onlined into another zone: move it
-                    if mem.state != MEM_ONLINE:
-                        mem.online_type = want
-                        self.device_online(mem)
-            except OSError as e:
-                raise ConfigError(f"state[{i}]: writing {st.state} to memory{bid}/state fails "
-                                  f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}); "
-                                  f"change the [[state]] entry or the machine") from None
-            if st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
-                got = mem.zone.name if mem.zone is not None else "several zones"
-                raise ConfigError(f"state[{i}]: memory{bid} goes online in {got}, not {st.zone}")
+        with self.lock:  # as the writes to memoryN/state take it (lock_device_hotplug_sysfs)
+            want = ONLINE_TYPE_NAMES.index(st.state)
+            for bid in bids:
+                mem = self.blocks.get(bid)
+                if mem is None:
+                    raise ConfigError(f"state[{i}].blocks: memory{bid} does not exist on this machine "
+                                      f"(it has memory{min(self.blocks)} to memory{max(self.blocks)}, with holes)")
+                try:
+                    if want == MMOP_OFFLINE:
+                        self.device_offline(mem)
+                    else:
+                        if mem.state == MEM_ONLINE and st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                            self.device_offline(mem)  # auto-onlined into another zone: move it
+                        if mem.state != MEM_ONLINE:
+                            mem.online_type = want
+                            self.device_online(mem)
+                except OSError as e:
+                    raise ConfigError(f"state[{i}]: writing {st.state} to memory{bid}/state fails "
+                                      f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}); "
+                                      f"change the [[state]] entry or the machine") from None
+                if st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                    got = mem.zone.name if mem.zone is not None else "several zones"
+                    raise ConfigError(f"state[{i}]: memory{bid} goes online in {got}, not {st.zone}")
 
     def _all_zones(self) -> Iterable[Zone]:
         for node in self.nodes.values():
@@ -247,6 +284,33 @@ class Machine:
                 links[bid] = None
             pfn = seg_end
 
+    def _overlaps(self, spfn: int, epfn: int) -> Iterable[tuple[MemoryBlock, int, int]]:
+        """(block, zone idx, pages) of boot memory in [spfn, epfn), per zone part of each block."""
+        ppb = self.pages_per_block
+        for bid in range(spfn // ppb, (epfn - 1) // ppb + 1):
+            blk = self.blocks.get(bid)
+            if blk is None:
+                continue
+            for zidx, (lo, hi, _) in blk.boot_zone_pages.items():
+                n = min(hi, epfn) - max(lo, spfn)
+                if n > 0:
+                    yield blk, zidx, n
+
+    def _reserve_range(self, spfn: int, epfn: int, nomap: bool = False) -> None:
+        """memblock reservations at a fixed place (present, not managed, PageReserved)."""
+        for blk, zidx, n in list(self._overlaps(spfn, epfn)):
+            blk.boot_reserved[zidx] = blk.boot_reserved.get(zidx, 0) + n
+            blk.reserved += n
+            if nomap:
+                blk.nomap += n
+            self.nodes[blk.nid].zones[zidx].reserved_boot += n
+
+    def _cma_range(self, spfn: int, epfn: int) -> None:
+        """The CMA area (mm/cma.c): managed pages, counted in the zone's `cma`."""
+        for blk, zidx, n in list(self._overlaps(spfn, epfn)):
+            blk.cma += n
+            self.nodes[blk.nid].zones[zidx].cma += n
+
     def _reserve(self, node: Node, pages: int, low: bool) -> None:
         """memblock reservations: `low` takes pages from pfn 0 up, else from the top down."""
         blocks = sorted((b for b in self.blocks.values() if b.nid == node.id), key=lambda b: b.id,
@@ -282,6 +346,7 @@ class Machine:
 
     # ------------------------------------------------------------------ zones
     def default_kernel_zone_for_pfn(self, nid: int, start_pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         node = self.nodes[nid]
         for zone in node.zones:
             if zone.name == ZONE_NORMAL:
@@ -291,6 +356,7 @@ class Machine:
         raise AssertionError("no ZONE_NORMAL")
 
     def default_zone_for_pfn(self, nid: int, start_pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         kernel_zone = self.default_kernel_zone_for_pfn(nid, start_pfn, nr_pages)
         movable_zone = self.nodes[nid].zone(ZONE_MOVABLE)
         in_kernel = kernel_zone.intersects(start_pfn, nr_pages)
@@ -299,7 +365,22 @@ class Machine:
             return kernel_zone if in_kernel else movable_zone
         return movable_zone if self.movable_node else kernel_zone
 
-    def _auto_movable_can_online_movable(self, nid: int | None, group: MemoryGroup | None, nr_pages: int) -> bool:
+    def auto_movable_can_online_movable(self, nid: int | None, group: MemoryGroup | None, nr_pages: int) -> bool:
+        """mm/memory_hotplug.c auto_movable_can_online_movable() (5.15+, online_policy=auto-movable).
+
+        Why: ZONE_MOVABLE can hold only movable pages, while every page, wherever it is,
+        needs kernel memory (memmap, page tables, slab). Too much MOVABLE for the KERNEL
+        memory behind it and the machine runs out of unmovable memory (OOM with plenty
+        "free"). So onlining nr_pages to MOVABLE is allowed only while MOVABLE stays within
+        ``auto_movable_ratio`` percent of the *early* kernel memory: boot memory, which cannot
+        go away. Hot-added kernel memory does not count, since it may be unplugged again;
+        except inside a dynamic memory group (a virtio-mem device), whose own kernel memory
+        backs its own movable memory, because the two are plugged and unplugged together.
+        ``nid`` None checks the whole machine, a node id that node alone.
+        """
+        lockdep_assert_held(self.lock)
+        # auto_movable_stats_account_zone(): CMA pages (never on hot-added memory) behave
+        # like ZONE_MOVABLE, so they move from the kernel side to the movable side.
         kernel_early = movable = 0
         nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
         for node in nodes:
@@ -311,6 +392,9 @@ class Machine:
                 else:
                     kernel_early += zone.present_early - zone.cma
                     movable += zone.cma
+        # auto_movable_stats_account_group() over the other dynamic groups: the early
+        # kernel pages each group needs for its own movable pages (beyond the kernel pages
+        # it has itself) are taken, and its movable pages are left out: they are paid for.
         ratio = self.auto_movable_ratio
         req_kernel = group_movable = 0
         for g in self.groups.values():  # walk_dynamic_memory_groups, skipping `group`
@@ -324,12 +408,15 @@ class Machine:
             return False
         kernel_early -= req_kernel
         movable -= group_movable
+        # Kernel memory inside the group being onlined to allows more MOVABLE in that group.
         if group is not None and group.is_dynamic:
             kernel_early += group.present_kernel_pages
+        # Could nr_pages go to ZONE_MOVABLE and the ratio still hold?
         movable += nr_pages
         return movable <= ratio * kernel_early // 100
 
     def auto_movable_zone_for_pfn(self, nid: int, group: MemoryGroup | None, pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         if not self.auto_movable_ratio:
             return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
         online_pages = 0
@@ -352,14 +439,15 @@ class Machine:
                     return self.default_kernel_zone_for_pfn(nid, unit_start, nr_pages)
                 online_pages += b.nr_pages
         remaining = max_pages - online_pages
-        if not self._auto_movable_can_online_movable(None, group, remaining):
+        if not self.auto_movable_can_online_movable(None, group, remaining):
             return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
-        if self.auto_movable_numa_aware and not self._auto_movable_can_online_movable(nid, group, remaining):
+        if self.auto_movable_numa_aware and not self.auto_movable_can_online_movable(nid, group, remaining):
             return self.default_kernel_zone_for_pfn(nid, pfn, nr_pages)
         return self.nodes[nid].zone(ZONE_MOVABLE)
 
     def zone_for_pfn_range(self, online_type: int, nid: int, group: MemoryGroup | None,
                            start_pfn: int, nr_pages: int) -> Zone:
+        lockdep_assert_held(self.lock)
         if online_type == MMOP_ONLINE_KERNEL:
             return self.default_kernel_zone_for_pfn(nid, start_pfn, nr_pages)
         if online_type == MMOP_ONLINE_MOVABLE:
@@ -368,12 +456,58 @@ class Machine:
             return self.auto_movable_zone_for_pfn(nid, group, start_pfn, nr_pages)
         return self.default_zone_for_pfn(nid, start_pfn, nr_pages)
 
+    def page_zone(self, mem: MemoryBlock, pfn: int) -> Zone:
+        """page_zone() of a boot block's page, holes included: mm/page_alloc.c memmap_init()
+        gives a hole's struct pages the zone of the range after it, and the hole from the
+        end of RAM to the end of its section the node's highest populated zone."""
+        zones = self.nodes[mem.nid].zones
+        after = None
+        for zidx, (lo, hi, _) in mem.boot_zone_pages.items():
+            if lo <= pfn < hi:
+                return zones[zidx]
+            if lo > pfn and (after is None or lo < after[0]):
+                after = (lo, zidx)
+        if after is not None:
+            return zones[after[1]]
+        return max((z for z in zones if z.present), key=lambda z: z.idx)
+
+    def test_pages_in_a_zone(self, mem: MemoryBlock) -> Zone | None:
+        """mm/memory_hotplug.c test_pages_in_a_zone() (5.12-5.17): one page per
+        MAX_ORDER_NR_PAGES of each present section; NULL once a page lies outside the
+        zone's span or in another zone. So a block whose RAM ends inside it (the last
+        block of a real 16 GiB laptop) gets "none" in valid_zones on these kernels."""
+        lockdep_assert_held(self.lock)
+        # MAX_ORDER_NR_PAGES: 1024 with 4K pages (MAX_ORDER 11); arm64 16K/64K: a pageblock
+        step = 1024 if self.page_size == 4096 else self.arch.pageblock_pages
+        zone: Zone | None = None
+        pps = self.pages_per_section
+        for sec in range(mem.start_pfn // pps, mem.end_pfn // pps):
+            if sec not in self.boot_sections:
+                continue
+            for pfn in range(sec * pps, (sec + 1) * pps, step):
+                if zone is not None and not zone.start_pfn <= pfn < zone.end_pfn:
+                    return None
+                z = self.page_zone(mem, pfn)
+                if zone is not None and z is not zone:
+                    return None
+                zone = z
+        return zone
+
     def valid_zones(self, mem: MemoryBlock) -> str:
-        """valid_zones_show(), without the trailing newline."""
+        """valid_zones_show(), without the trailing newline.
+
+        An online block shows its zone: from 5.18 the one stored per memory block
+        (drivers/base/memory.c, 395f6081bad4 "determine and store zone for single-zone
+        memory blocks": NULL only when the block spans zones); before, the zone that
+        test_pages_in_a_zone() finds by scanning the block's pages."""
+        lockdep_assert_held(self.lock)
         if mem.state == MEM_ONLINE:
-            if mem.zone is None:
+            zone = mem.zone
+            if not self.profile.cached_zone and mem.boot_zone_pages:
+                zone = self.test_pages_in_a_zone(mem)
+            if zone is None:
                 return "none"
-            return mem.zone.name
+            return zone.name
         default = self.zone_for_pfn_range(MMOP_ONLINE, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
         names = [default.name]
         for t in (MMOP_ONLINE_KERNEL, MMOP_ONLINE_MOVABLE):
@@ -384,6 +518,7 @@ class Machine:
 
     def _shrink_zone_span(self, zone: Zone, start_pfn: int, end_pfn: int, bid: int) -> None:
         """shrink_zone_span(): only an edge moves, to the nearest online pfn of the zone."""
+        lockdep_assert_held(self.lock)
         members = zone.members
         if zone.start_pfn == start_pfn:
             i = bisect.bisect_right(members, bid)
@@ -404,6 +539,7 @@ class Machine:
     # ------------------------------------------------------------------ online / offline
     def _adjust_present(self, mem: MemoryBlock, zone: Zone, pages: int) -> None:
         """adjust_present_page_count() (+ the present part of online_pages/offline_pages)."""
+        lockdep_assert_held(self.lock)
         zone.present += pages
         if mem.boot:
             zone.present_early += pages
@@ -415,6 +551,7 @@ class Machine:
                 g.present_kernel_pages += pages
 
     def memory_block_online(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         if self.profile.hwpoison_online and mem.hwpoison:
             raise OSError(EHWPOISON, f"{mem.name} has hwpoisoned pages")
         zone = self.zone_for_pfn_range(mem.online_type, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
@@ -429,16 +566,29 @@ class Machine:
         zone.add_member(mem.id)
 
     def memory_block_offline(self, mem: MemoryBlock) -> None:
+        """memory_block_offline() + offline_pages(), the checks in the kernel's order.
+
+        5.18+ (cached_zone): a block without a zone (it spans several) fails first, in
+        memory_block_offline(). offline_pages() then refuses a block with holes (fewer
+        "System RAM" pages than it spans: "memory holes"), one in several zones
+        ("multizone range"; before 5.18 test_pages_in_a_zone() found that here), isolates
+        the range (PageReserved, unmovable and CMA pages: EBUSY "failure to isolate
+        range"), asks the memory notifiers (arm64's prevent_bootmem_remove_notifier()
+        answers NOTIFY_BAD for boot memory: EPERM "notifier failure"), then migrates.
+        """
+        lockdep_assert_held(self.lock)
         zone = mem.zone
-        if zone is None:
+        if zone is None and self.profile.cached_zone:
             raise OSError(errno.EINVAL, f"{mem.name} spans multiple zones")
         if mem.has_holes:
-            raise OSError(errno.EINVAL, f"{mem.name} has memory holes")
+            raise OSError(errno.EINVAL, f"{mem.name}: failed due to memory holes")
+        if zone is None:
+            raise OSError(errno.EINVAL, f"{mem.name}: failed due to multizone range")
+        if mem.reserved or mem.unmovable or mem.cma:
+            raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failed due to failure to isolate range")
         if mem.boot and self.cfg.arch.startswith("arm64"):
-            # arm64's memory notifier vetoes offlining boot memory: NOTIFY_BAD -> EPERM
-            raise OSError(errno.EPERM, f"{mem.name} is boot memory (arm64 refuses to offline it)")
-        if mem.reserved or mem.unmovable:
-            raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failure to isolate range")
+            raise OSError(errno.EPERM, f"Boot memory [{mem.start_pfn << self.page_shift:x} "
+                                       f"{mem.end_pfn << self.page_shift:x}] offlining attempted: notifier failure")
         if self.cfg.offline_latency_ms:  # let `state` show going-offline, `online` readers wait
             time.sleep(self.cfg.offline_latency_ms / 1000)
         if not self.allocator.migrate_out(mem):
@@ -471,6 +621,7 @@ class Machine:
         self._changed()
 
     def memory_subsys_online(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         if mem.state == MEM_ONLINE:
             return
         if mem.online_type == MMOP_OFFLINE:  # device_online() without a type: MMOP_ONLINE
@@ -481,12 +632,14 @@ class Machine:
             mem.online_type = MMOP_OFFLINE
 
     def memory_subsys_offline(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         if mem.state == MEM_OFFLINE:
             return
         self.memory_block_change_state(mem, MEM_OFFLINE, MEM_ONLINE)
 
     def device_online(self, mem: MemoryBlock) -> int:
         """drivers/base/core.c device_online(): 1 if already online, 0 on success, raises on error."""
+        lockdep_assert_held(self.lock)
         if not mem.dev_offline:
             return 1
         self.memory_subsys_online(mem)
@@ -495,6 +648,7 @@ class Machine:
         return 0
 
     def device_offline(self, mem: MemoryBlock) -> int:
+        lockdep_assert_held(self.lock)
         if mem.dev_offline:
             return 1
         self.memory_subsys_offline(mem)
@@ -592,6 +746,7 @@ class Machine:
 
     def add_memory(self, dev: HotplugDevice, request_memmap: bool) -> None:
         """add_memory_resource(): blocks created offline, `add` events, node links, auto-online."""
+        lockdep_assert_held(self.lock)
         self._check_range(dev.start, dev.size, dev.nid)
         nblocks = dev.size // self.block_size
         use_altmap = False
@@ -635,6 +790,7 @@ class Machine:
                 self._auto_online(mem)
 
     def _auto_online(self, mem: MemoryBlock) -> None:
+        lockdep_assert_held(self.lock)
         mem.online_type = ONLINE_TYPE_NAMES.index(self.auto_online_blocks)
         try:
             self.device_online(mem)
@@ -642,6 +798,7 @@ class Machine:
             pass  # auto-online failures are ignored; the block stays offline
 
     def _new_group(self, nid: int, dynamic: bool, pages: int) -> MemoryGroup | None:
+        lockdep_assert_held(self.lock)
         if not self.profile.online_policy:
             return None
         g = MemoryGroup(self._next_group, nid, dynamic, max_pages=0 if dynamic else pages,
@@ -669,11 +826,6 @@ class Machine:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
             if driver != "acpi":
                 slot = None
-            if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
-                raise OSError(errno.EOPNOTSUPP,
-                              "this kernel has no ACPI memory hotplug (CONFIG_ACPI_HOTPLUG_MEMORY is not set, as in "
-                              "Debian's arm64 kernels): a DIMM never becomes memory; hot-add with --driver virtio_mem "
-                              "or --driver dax_kmem")
             if driver == "acpi" and slot is not None:  # a cold-plugged DIMM in the description's slot
                 if not 0 <= slot < len(self.slots) or self.slots[slot] is not None:
                     raise OSError(errno.EBUSY, f"DIMM slot {slot} is taken or does not exist")
@@ -683,6 +835,8 @@ class Machine:
                     raise OSError(errno.ENOSPC, f"all {len(self.slots)} DIMM slots are populated")
             start = addr if addr is not None else self._find_free_range(size)
             dev = HotplugDevice(dev_id, driver, start, size, node, slot=slot)
+            if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
+                return self._acpi_dimm_without_driver(dev)
             pages = size >> self.page_shift
             if driver == "acpi":
                 dev.group = self._new_group(node, False, pages)
@@ -721,8 +875,23 @@ class Machine:
                 raise
             if slot is not None:
                 self.slots[slot] = dev
-                self.ost_log.append(Ost(dev_id, 1, 0))
+                self.ost_log.append(AcpiOstReport(dev_id, 1, 0))
             return dev
+
+    def _acpi_dimm_without_driver(self, dev: HotplugDevice) -> HotplugDevice:
+        """A DIMM on a kernel without CONFIG_ACPI_HOTPLUG_MEMORY (Debian's arm64 kernels).
+
+        QEMU takes it (its slot shows status 15) and the ACPI core scans the new PNP0C80
+        device and reports _OST success, but no driver binds it: no memory block, no
+        memory. The arm64 reference trace shows exactly this for cold- and hot-plugged
+        DIMMs; QMP device_del still ejects it (acpi_eject(), no blocks to offline)."""
+        self._check_range(dev.start, dev.size, dev.nid)
+        self.devices[dev.id] = dev
+        assert dev.slot is not None
+        self.slots[dev.slot] = dev
+        self.ost_log.append(AcpiOstReport(dev.id, 1, 0))
+        self._changed()
+        return dev
 
     @journaled
     def probe_store(self, addr: int) -> None:
@@ -741,6 +910,7 @@ class Machine:
     # ------------------------------------------------------------------ remove
     def remove_memory(self, dev: HotplugDevice) -> None:
         """try_remove_memory(): every block must be offline; then blocks and memmap go."""
+        lockdep_assert_held(self.lock)
         blocks = [self.blocks[b] for b in dev.block_ids]
         for mem in blocks:
             if mem.state != MEM_OFFLINE:
@@ -779,7 +949,7 @@ class Machine:
             dev = self.device(dev_id)
             if dev.slot is None:
                 raise OSError(errno.ENODEV, f"{dev_id} is not an ACPI memory device")
-            self.ost_log.append(Ost(dev_id, source, 0x84))
+            self.ost_log.append(AcpiOstReport(dev_id, source, 0x84))
             blocks = [self.blocks[b] for b in dev.block_ids]
             offlined: list[MemoryBlock] = []
             failed: MemoryBlock | None = None
@@ -798,10 +968,10 @@ class Machine:
             if failed is not None:
                 for mem in offlined:
                     self.device_online(mem)  # acpi_bus_online(): MMOP_ONLINE, the default zone
-                self.ost_log.append(Ost(dev_id, source, 0x82))
+                self.ost_log.append(AcpiOstReport(dev_id, source, 0x82))
                 raise OSError(errno.EBUSY, f"{failed.name}: Offline failed.")
             self.remove_memory(dev)
-            self.ost_log.append(Ost(dev_id, source, 0))
+            self.ost_log.append(AcpiOstReport(dev_id, source, 0))
 
     @journaled
     def offline_and_remove_memory(self, dev_id: str) -> None:

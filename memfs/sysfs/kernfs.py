@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Hashable, Iterable, Iterator, Mapping
 
 __all__ = [
     "Node",
@@ -36,6 +36,10 @@ __all__ = [
     "attr_ro",
     "attr_rw",
     "attr_wo",
+    "CONST",
+    "OWNER",
+    "GLOBAL",
+    "Change",
     "NAME_MAX",
     "DIR_MODE",
     "LINK_MODE",
@@ -50,6 +54,18 @@ LINK_MODE = 0o777
 Show = Callable[[], str]
 Store = Callable[[bytes], None]
 Alive = Callable[[], bool]
+
+#: What the text of an attribute depends on (``Attr.scope``), so that whoever caches
+#: texts (the FUSE adapter keeps them in the kernel's page cache) knows which ones a
+#: change may have altered: CONST never changes while the attribute exists; OWNER
+#: changes only with its ``owner`` object (e.g. one memory block); GLOBAL may change
+#: with anything in the model.  ``scope`` may also be a callable returning one of them
+#: (valid_zones depends on its block alone while the block is online, on the zones
+#: of the whole node while it is offline).
+CONST = "const"
+OWNER = "owner"
+GLOBAL = "global"
+Scope = str | Callable[[], str]
 
 
 def _oserror(code: int, what: str = "") -> OSError:
@@ -80,7 +96,7 @@ class Attr(Node):
     rule sysfs uses to pick its file operations, which root cannot override.
     """
 
-    __slots__ = ("show", "store", "mode", "alive", "readable", "writable")
+    __slots__ = ("show", "store", "mode", "alive", "readable", "writable", "owner", "scope")
 
     def __init__(
         self,
@@ -88,6 +104,9 @@ class Attr(Node):
         store: Store | None,
         mode: int,
         alive: Alive | None = None,
+        *,
+        owner: Hashable = None,
+        scope: Scope = GLOBAL,
     ) -> None:
         if mode & ~0o7777:
             raise ValueError(f"Attr mode must be permission bits only, got {mode:#o}")
@@ -95,6 +114,10 @@ class Attr(Node):
         self.store = store
         self.mode = mode
         self.alive = alive
+        # The object this attribute belongs to (None: the model itself), and what its
+        # text depends on (see CONST/OWNER/GLOBAL); GLOBAL unless the table says better.
+        self.owner = owner
+        self.scope = scope
         # Precomputed: checked on every open().
         self.readable: bool = bool(mode & 0o444) and show is not None
         self.writable: bool = bool(mode & 0o222) and store is not None
@@ -108,19 +131,21 @@ class Attr(Node):
         return f"Attr(mode={self.mode:#o}, show={self.show!r}, store={self.store!r})"
 
 
-def attr_ro(show: Show, alive: Alive | None = None) -> Attr:
+def attr_ro(show: Show, alive: Alive | None = None, *, owner: Hashable = None,
+            scope: Scope = GLOBAL) -> Attr:
     """Read-only attribute, mode 0444 (like ``DEVICE_ATTR_RO``)."""
-    return Attr(show, None, 0o444, alive)
+    return Attr(show, None, 0o444, alive, owner=owner, scope=scope)
 
 
-def attr_rw(show: Show, store: Store, alive: Alive | None = None) -> Attr:
+def attr_rw(show: Show, store: Store, alive: Alive | None = None, *, owner: Hashable = None,
+            scope: Scope = GLOBAL) -> Attr:
     """Read-write attribute, mode 0644 (like ``DEVICE_ATTR_RW``)."""
-    return Attr(show, store, 0o644, alive)
+    return Attr(show, store, 0o644, alive, owner=owner, scope=scope)
 
 
-def attr_wo(store: Store, alive: Alive | None = None) -> Attr:
+def attr_wo(store: Store, alive: Alive | None = None, *, owner: Hashable = None) -> Attr:
     """Write-only attribute, mode 0200 (like ``DEVICE_ATTR_WO``)."""
-    return Attr(None, store, 0o200, alive)
+    return Attr(None, store, 0o200, alive, owner=owner, scope=CONST)
 
 
 class Link(Node):
@@ -286,3 +311,27 @@ class Tree:
                 raise _oserror(errno.ENOENT, path)
             node = child
         return node
+
+
+class Change:
+    """What one change of the model did to the tree, for whoever caches it (memfs.fuse).
+
+    ``owners``: objects (``Attr.owner``) whose OWNER-scoped attributes may show new text;
+    ``removed``: objects that are gone (every attribute of theirs is dead);
+    ``entries``: paths (``sys/devices/system/memory/memory9``) that appeared or vanished,
+    or None when the tree's shape may have changed anywhere;
+    ``everything``: GLOBAL-scoped attributes may show new text.
+    """
+
+    __slots__ = ("owners", "removed", "entries", "everything")
+
+    def __init__(self, owners: Iterable[Hashable] = (), removed: Iterable[Hashable] = (),
+                 entries: Iterable[str] | None = (), everything: bool = False) -> None:
+        self.owners = frozenset(owners)
+        self.removed = frozenset(removed)
+        self.entries = None if entries is None else tuple(entries)
+        self.everything = everything
+
+    def __repr__(self) -> str:
+        return (f"Change(owners={set(self.owners)!r}, removed={set(self.removed)!r}, "
+                f"entries={self.entries!r}, everything={self.everything})")

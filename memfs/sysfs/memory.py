@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import errno
 
-from ..machine.blocks import ONLINE_TYPE_NAMES, MemoryBlock
+from ..machine.blocks import MEM_ONLINE, ONLINE_TYPE_NAMES, MemoryBlock
 from ..machine.hotplug import Machine
-from .kernfs import Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo
+from .kernfs import CONST, GLOBAL, OWNER, Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo
 from .parse import kstrtobool, kstrtoull, sysfs_match_string
 
 _KOBJ_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
@@ -63,8 +63,13 @@ def _uuid_is_valid(s: str) -> bool:
                for i, c in enumerate(s))
 
 
-def power_dir() -> Dir:
-    """drivers/base/power/sysfs.c runtime-PM attributes of a device without a driver."""
+def block_owner(bid: int) -> tuple[str, int]:
+    """The ``Attr.owner`` of memoryN's attributes: a change of block N alters only these."""
+    return ("memory", bid)
+
+
+def power_dir(owner: tuple[str, int] | None = None) -> Dir:
+    """drivers/base/power/sysfs.c runtime-PM attributes of a device without a driver (constants)."""
     def eio() -> str:
         raise OSError(errno.EIO, "autosuspend not supported")
 
@@ -72,16 +77,17 @@ def power_dir() -> Dir:
         if sysfs_match_string(("auto", "on"), buf) < 0:
             raise OSError(errno.EINVAL, "control: auto or on")
 
+    k = {"owner": owner, "scope": CONST}
     return Dir({
-        "async": attr_rw(lambda: "disabled\n", lambda b: None),
-        "autosuspend_delay_ms": attr_rw(eio, lambda b: eio() and None),
-        "control": attr_rw(lambda: "auto\n", control_store),
-        "runtime_active_kids": attr_ro(lambda: "0\n"),
-        "runtime_active_time": attr_ro(lambda: "0\n"),
-        "runtime_enabled": attr_ro(lambda: "disabled\n"),
-        "runtime_status": attr_ro(lambda: "unsupported\n"),
-        "runtime_suspended_time": attr_ro(lambda: "0\n"),
-        "runtime_usage": attr_ro(lambda: "0\n"),
+        "async": attr_rw(lambda: "disabled\n", lambda b: None, **k),
+        "autosuspend_delay_ms": attr_rw(eio, lambda b: eio() and None, **k),
+        "control": attr_rw(lambda: "auto\n", control_store, **k),
+        "runtime_active_kids": attr_ro(lambda: "0\n", **k),
+        "runtime_active_time": attr_ro(lambda: "0\n", **k),
+        "runtime_enabled": attr_ro(lambda: "disabled\n", **k),
+        "runtime_status": attr_ro(lambda: "unsupported\n", **k),
+        "runtime_suspended_time": attr_ro(lambda: "0\n", **k),
+        "runtime_usage": attr_ro(lambda: "0\n", **k),
     })
 
 
@@ -113,15 +119,23 @@ def block_dir(m: Machine, mem: MemoryBlock) -> Dir:
         action, extra = parse_synth_uevent(buf)
         m.synth_uevent(mem.id, action, extra)
 
+    def valid_zones_scope() -> str:
+        # an online block shows its own zone; an offline one what zone_for_pfn_range()
+        # would pick, which depends on the zones (and auto-movable stats) of the node
+        return OWNER if mem.state == MEM_ONLINE else GLOBAL
+
+    # owner: what the FUSE adapter keys its cached texts by; scope: what each text
+    # depends on (memory_block_change_state() alters state/online of this block only)
+    own = block_owner(mem.id)
     entries: dict[str, Node] = {
-        "phys_index": attr_ro(lambda: f"{mem.id:08x}\n", alive),
-        "state": attr_rw(state_show, state_store, alive),
-        "online": attr_rw(online_show, online_store, alive),
-        "phys_device": attr_ro(lambda: "0\n", alive),
-        "removable": attr_ro(lambda: "1\n", alive),
-        "valid_zones": attr_ro(valid_zones_show, alive),
-        "uevent": attr_rw(lambda: "", uevent_store, alive),
-        "power": power_dir(),
+        "phys_index": attr_ro(lambda: f"{mem.id:08x}\n", alive, owner=own, scope=CONST),
+        "state": attr_rw(state_show, state_store, alive, owner=own, scope=OWNER),
+        "online": attr_rw(online_show, online_store, alive, owner=own, scope=OWNER),
+        "phys_device": attr_ro(lambda: "0\n", alive, owner=own, scope=CONST),
+        "removable": attr_ro(lambda: "1\n", alive, owner=own, scope=CONST),
+        "valid_zones": attr_ro(valid_zones_show, alive, owner=own, scope=valid_zones_scope),
+        "uevent": attr_rw(lambda: "", uevent_store, alive, owner=own, scope=CONST),
+        "power": power_dir(own),
         "subsystem": Link("../../../../bus/memory"),
     }
     for nid in mem.nids:
@@ -184,16 +198,16 @@ def memory_root(m: Machine, blocks: BlockDirs) -> DynDir:
 
     fixed: dict[str, Node] = {
         "auto_online_blocks": attr_rw(lambda: m.auto_online_blocks + "\n", auto_online_store),
-        "block_size_bytes": attr_ro(lambda: f"{m.block_size:x}\n"),
+        "block_size_bytes": attr_ro(lambda: f"{m.block_size:x}\n", scope=CONST),
         "hard_offline_page": attr_wo(offline_page(False)),
         "power": power_dir(),
         "soft_offline_page": attr_wo(offline_page(True)),
-        "uevent": attr_rw(lambda: "", root_uevent_store),
+        "uevent": attr_rw(lambda: "", root_uevent_store, scope=CONST),
     }
     if m.cfg.probe:
         fixed["probe"] = attr_wo(probe_store)
     if m.profile.crash_hotplug:
-        fixed["crash_hotplug"] = attr_ro(lambda: "0\n")
+        fixed["crash_hotplug"] = attr_ro(lambda: "0\n", scope=CONST)
     order = sorted(fixed)
 
     def names() -> list[str]:

@@ -5,7 +5,7 @@ a buffer ends at its first NUL, nothing is decoded, and the only exception a
 parser raises is ``OSError`` with ``errno.EINVAL`` or ``errno.ERANGE`` (the
 negative errno the kernel function would return).
 
-Sources (paraphrased from the spec, /work/shared/spec/kernel-semantics.md 1.1):
+Sources:
 
 * ``sysfs_streq`` / ``__sysfs_match_string``: lib/string.c
 * ``kstrtobool``, ``kstrtoull``, ``kstrtoll``, ``kstrtouint``, ``kstrtoint``:
@@ -147,19 +147,18 @@ def sysfs_match_string(options: Sequence[Optional[str]], buf: Buf) -> int:
 class KstrtoboolAlphabet(str, enum.Enum):
     """Which first characters ``kstrtobool`` accepts.
 
-    The values are the kernel tree in which the spec (kernel-semantics.md 1.1)
-    first saw the alphabet.  The spec read only the 5.12, 5.14, 6.6 and 6.19
-    trees, so a value is an upper bound on when the alphabet arrived, not the
-    release that added it.  See ``kstrtobool_alphabet_for`` for the mapping from
+    The values name a kernel tree whose lib/kstrtox.c has the alphabet (5.12,
+    6.6, 6.19); the releases that added each are ``KSTRTOBOOL_TF_SINCE`` and
+    ``KSTRTOBOOL_ED_SINCE``.  See ``kstrtobool_alphabet_for`` for the mapping from
     a kernel version.
     """
 
     #: ``y Y 1`` true, ``n N 0`` false, ``o``/``O`` + ``n``/``N`` true,
     #: ``o``/``O`` + ``f``/``F`` false (5.12-5.14 trees)
     BASIC = "5.12"
-    #: BASIC plus ``t T`` true and ``f F`` false (spec: [6.6])
+    #: BASIC plus ``t T`` true and ``f F`` false (present in the 6.6 tree)
     TF = "6.6"
-    #: TF plus ``e E`` true and ``d D`` false (spec: [6.19])
+    #: TF plus ``e E`` true and ``d D`` false (present in the 6.19 tree)
     ED = "6.19"
 
 
@@ -167,14 +166,14 @@ KSTRTOBOOL_BASIC = KstrtoboolAlphabet.BASIC
 KSTRTOBOOL_TF = KstrtoboolAlphabet.TF
 KSTRTOBOOL_ED = KstrtoboolAlphabet.ED
 
-#: first kernel version with ``t/T/f/F``.  The spec only brackets it: absent in
-#: [5.14], present in [6.6].  The patch "lib/kstrtox.c: Add "false"/"true" support
+#: first kernel version with ``t/T/f/F``: absent from the 5.14 tree's lib/kstrtox.c,
+#: present in 6.6's.  The patch "lib/kstrtox.c: Add "false"/"true" support
 #: to kstrtobool()" (Jagdish Gediya, v2 posted 2022-04-26 for the mm tree) puts it
 #: in 5.19 (approx., from the mailing list).  So the 6.1 kernel of the reference
 #: traces has it.  memfs.machine.profiles agrees (6.1 -> "tf").
 KSTRTOBOOL_TF_SINCE = (5, 19)
 #: first kernel version with ``e/E/d/D`` (commit ae5b3500856f "kstrtox: add support
-#: for enabled and disabled in kstrtobool()"); spec: [6.19].
+#: for enabled and disabled in kstrtobool()"), in the 6.19 tree.
 KSTRTOBOOL_ED_SINCE = (6, 19)
 
 # the names memfs.machine.profiles uses for the same alphabets

@@ -6,15 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for fusehelpers
-
-from fusehelpers import fuse_unavailable  # noqa: E402
+from tests.fusehelpers import fuse_unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 _WHY = fuse_unavailable()
@@ -37,7 +34,7 @@ def test_bench_quick_table_and_json(tmp_path: Path) -> None:
                     "5. mount time", "6. concurrent readers", "targets:"):
         assert heading in table, table
     assert f"results written to {out}" in table
-    assert "memfs/min" in table and "memfs/tmpfs" in table
+    assert "memfs/min" in table and "memfs/tmpfs" in table and "memfs/sysfs" in table
 
     res = json.loads(out.read_text())
     assert res["quick"] is True
@@ -49,16 +46,19 @@ def test_bench_quick_table_and_json(tmp_path: Path) -> None:
         assert row["memfs_us"] > 0 and row["minimal_us"] > 0 and row["tmpfs_us"] > 0
     w = res["writes"]
     assert {"online_us", "offline_us", "pair_us"} <= set(w) and w["final_state"] == "offline"
+    assert [s["blocks"] for s in w["sizes"]] == res["plan"]["write_blocks"]
+    assert all(s["final_state"] == "offline" and s["over_smallest"] > 0 for s in w["sizes"])
     if "skipped" not in res["lsmem"]:
         for size in res["lsmem"]["sizes"]:
             for key in ("lsmem", "lsmem_a"):
                 assert size[key]["same_output"] is True  # memfs and its static copy agree
-                assert {"memfs_s", "tmpfs_s", "memfs_over_tmpfs"} <= set(size[key])
+                assert {"memfs_s", "memfs_cold_s", "tmpfs_s", "memfs_over_tmpfs"} <= set(size[key])
     assert [s["blocks"] for s in res["model"]["sizes"]] == res["plan"]["model_blocks"]
     assert all({"pair_us", "over_smallest"} <= set(s) for s in res["model"]["sizes"])
     assert all({"ready_s", "rss_mib", "rss_after_all_mib"} <= set(s) for s in res["mount"]["sizes"])
     assert {"one_ops_s", "many_ops_s", "many_over_one"} <= set(res["concurrency"])
-    assert set(res["targets"]) >= {"attr_within_1.2x_of_minimal", "model_flat_within_1.3x",
+    assert set(res["targets"]) >= {"attr_within_2x_of_sysfs", "lsmem_a_within_3x_of_tmpfs",
+                                   "writes_flat_within_1.3x", "model_flat_within_1.3x",
                                    "mount_under_3s", "rss_under_200MiB"}
     # nothing left mounted or copied
     with open("/proc/self/mounts") as f:

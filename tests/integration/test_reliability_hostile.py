@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from memfs import control
 from memfs.status import snapshot
-from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
 from tests.reliability_support import (Reference, count, daemon, env_int, invariants, log_problems,
                                        writable_files, pwrite)
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)"),
+              pytest.mark.usefixtures("reliability_figures")]
 
 EHWPOISON = 133
 #: errnos a sysfs store of this emulated kernel may give (EIO: autosuspend_delay_ms, which

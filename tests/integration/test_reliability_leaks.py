@@ -20,10 +20,10 @@ import time
 import psutil
 import pytest
 
-from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
 from tests.reliability_support import count, daemon, env_int, invariants, log_problems
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)"),
+              pytest.mark.usefixtures("reliability_figures")]
 
 MEM = "sys/devices/system/memory"
 

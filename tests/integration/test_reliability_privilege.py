@@ -16,10 +16,10 @@ import pytest
 
 from memfs import control
 from tests.fusehelpers import AS_NOBODY
-from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
 from tests.reliability_support import count, daemon, log_problems
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, setpriv)")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, setpriv)"),
+              pytest.mark.usefixtures("reliability_figures")]
 
 MEM = "sys/devices/system/memory"
 

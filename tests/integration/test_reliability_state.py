@@ -27,11 +27,11 @@ import pytest
 from memfs import persist
 from memfs.daemon import FSTYPE, mounts_at
 from memfs.machine.config import load_config
-from tests.reliability_support import figures_after_module  # noqa: F401 (autouse: figures at module end)
 from tests.reliability_support import (Reference, count, daemon, env_int, invariants, log_problems,
                                        pwrite)
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)"),
+              pytest.mark.usefixtures("reliability_figures")]
 
 MEM = "sys/devices/system/memory"
 

@@ -65,3 +65,20 @@ def test_numactl_after_hot_add_to_a_memoryless_node(memfs_machine):
     r = m.run("numactl", "--hardware")
     assert r.stdout == expected(m, {0: " 0 1", 1: "", 2: ""}, DIST)
     assert "node 2 size: 256 MB\n" in r.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/bus/node"), reason="the host kernel has no /sys/bus/node to cover")
+def test_sys_bus_node_is_memfs_in_the_sandbox(memfs_machine):
+    """nodeN/subsystem points at /sys/bus/node, which the sandbox binds from the mount: its
+    devices are memfs's nodes (node1 exists here and not on a one-node host)."""
+    m = memfs_machine
+    r = m.run("ls", "/sys/bus/node/devices")
+    assert r.returncode == 0 and r.stdout.split() == ["node0", "node1"], r.stderr
+    r = m.run("cat", "/sys/devices/system/node/node1/subsystem/devices/node1/distance")
+    assert r.stdout == "21 10\n", r.stderr
+    link = m.path / "sys/bus/node/devices/node2"
+    assert not link.exists()  # the kernel may now cache this negative lookup
+    m.plug("128M", node=2)  # node 2 comes online: its bus link appears, through the mount's caches
+    assert link.is_symlink()
+    assert m.run("ls", "/sys/bus/node/devices").stdout.split() == ["node0", "node1", "node2"]
+    assert sorted(os.listdir(m.path / "sys/bus/node/devices")) == ["node0", "node1", "node2"]

@@ -9,18 +9,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for fusehelpers
-
-from fusehelpers import fuse_unavailable, mounted  # noqa: E402
-from memfs.machine.hotplug import Machine  # noqa: E402
-from memfs.sandbox import (SIOCGSKNS, Attachment, Sandbox, SandboxError, _package_parent,  # noqa: E402
-                           check_netns, initial_netns_inodes)
-from memfs.sysfs.tree import build_tree  # noqa: E402
+from memfs.cli import main as memfs_main
+from memfs.daemon import probe
+from memfs.machine.hotplug import Machine
+from memfs.sandbox import MachineSandbox, Sandbox, SandboxError, check_netns, initial_netns_inodes
+from memfs.sandbox.core import package_parent
+from memfs.sandbox.enter import ENTRY as ENTER_ENTRY
+from memfs.sandbox.libc import SIOCGSKNS
+from memfs.sysfs.tree import build_tree
+from memfs.testing.mount import memfs_cli
+from tests.fusehelpers import fuse_unavailable, mounted
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or ""),
@@ -39,8 +42,23 @@ def holders_of(mnt: str) -> list[int]:
                 args = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(b"_holder_entry" in a for a in args) and any(os.fsencode(mnt) + b'"' in a for a in args):
+            if any(b"memfs.sandbox.holder" in a for a in args) and any(os.fsencode(mnt) + b'"' in a for a in args):
                 out.append(int(p))
+    return out
+
+
+def sandbox_processes(sb: Sandbox, comm: str) -> list[int]:
+    """Host pids of the processes named ``comm`` in the sandbox's pid namespace."""
+    pidns = os.stat(f"/proc/{sb.holder}/ns/pid").st_ino
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if (Path(f"/proc/{p}/comm").read_text().strip() == comm
+                        and os.stat(f"/proc/{p}/ns/pid").st_ino == pidns):
+                    out.append(int(p))
+            except OSError:
+                continue
     return out
 
 
@@ -84,7 +102,7 @@ def test_another_filesystem_is_refused(tmp_path):
             f"try:\n    Sandbox.start({str(d)!r})\nexcept SandboxError as e:\n    print(e); sys.exit(3)\n")
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
                        capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=_package_parent()))
+                       env=dict(os.environ, PYTHONPATH=package_parent()))
     assert r.returncode == 3, r.stderr
     assert "is a tmpfs mount" in r.stdout and "not a memfs mount" in r.stdout
 
@@ -132,7 +150,7 @@ def test_sandbox_namespaces_are_not_the_hosts(sandbox):
 
 def test_forwarder_socket_lives_in_the_sandbox_namespace(local_mount):
     machine, mnt = local_mount
-    att = Attachment(machine, mnt)
+    att = MachineSandbox(machine, mnt)
     try:
         fd = fcntl.ioctl(att.forwarder.sock.fileno(), SIOCGSKNS)
         try:
@@ -149,10 +167,9 @@ def test_forwarder_socket_lives_in_the_sandbox_namespace(local_mount):
 def _enter_unchecked(sb: Sandbox, argv: list[str]) -> subprocess.CompletedProcess:
     """The entering trampoline without the outside check: only the inside check guards."""
     opts = {"holder": sb.holder, "expect": sb.expectations(), "cwd": "/", "detach": False, "mounts": None}
-    return subprocess.run([sys.executable, "-c", "import sys; from memfs.sandbox import _enter_entry; "
-                           "sys.exit(_enter_entry())", json.dumps(opts), "--", *argv],
+    return subprocess.run([sys.executable, "-c", ENTER_ENTRY, json.dumps(opts), "--", *argv],
                           capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=_package_parent()))
+                          env=dict(os.environ, PYTHONPATH=package_parent()))
 
 
 def test_overlay_removed_inside_is_refused(sandbox):
@@ -180,7 +197,8 @@ def test_dead_daemon_gives_enotconn_not_the_real_files(tmp_path):
         try:
             assert sb.run(["cat", f"{MEM}/memory32/state"]).stdout == "offline\n"
             os.kill(mnt.pid, signal.SIGKILL)
-            time.sleep(0.2)
+            # the kernel aborts the FUSE connection once the daemon's /dev/fuse fd is closed
+            wait_for(lambda: probe(os.fspath(mnt.path)) == "dead", what="the FUSE connection to end")
             r = sb.run(["cat", f"{MEM}/memory0/state", "/proc/meminfo"])
             assert r.returncode != 0 and r.stdout == ""
             assert r.stderr.count("Transport endpoint is not connected") == 2
@@ -195,15 +213,14 @@ def test_not_root_is_refused_plainly(local_mount, monkeypatch, capsys):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(SandboxError, match="needs root"):
         Sandbox.start(mnt)
-    from memfs.cli import main
-    assert main(["exec", mnt, "--", "true"]) == 125
+    assert memfs_main(["exec", mnt, "--", "true"]) == 125
     assert "needs root" in capsys.readouterr().err
 
 
 def test_stop_kills_everything_in_the_sandbox(sandbox, local_mount):
     _, mnt = local_mount
     p = sandbox.popen(["sleep", "300"])
-    time.sleep(0.3)
+    wait_for(lambda: sandbox_processes(sandbox, "sleep"), what="sleep to run in the sandbox")
     holder, middle = sandbox.holder, sandbox.middle
     sandbox.stop()
     assert p.wait(10) != 0            # the trampoline saw its command killed
@@ -217,7 +234,6 @@ def test_stop_kills_everything_in_the_sandbox(sandbox, local_mount):
 def test_fusermount_u_stops_the_daemons_sandbox(tmp_path):
     """Unmounting behind the daemon's back: its sandbox (whose mount namespace holds a copy
     of the mount) is stopped, so the FUSE connection ends and the daemon exits."""
-    from memfs.pytest_plugin import memfs_cli
     mnt = tmp_path / "mnt"
     r = memfs_cli("mount", str(mnt), "--sandbox")
     assert r.returncode == 0, r.stderr
@@ -225,17 +241,14 @@ def test_fusermount_u_stops_the_daemons_sandbox(tmp_path):
     try:
         assert holders_of(str(mnt))   # the holder (and the process that made its namespaces)
         subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=True, timeout=30)
-        deadline = time.monotonic() + 15
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+
+        def daemon_ended() -> bool:   # gone, or a zombie its parent has not reaped yet
             try:
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
             except OSError:
-                break
-            time.sleep(0.05)
+                return True
+        wait_for(daemon_ended, what=f"daemon {pid} to exit")
         assert holders_of(str(mnt)) == []
-        state = Path(f"/proc/{pid}/stat")
-        assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     finally:
         if os.path.exists(f"/proc/{pid}"):
             os.kill(pid, signal.SIGKILL)

@@ -132,3 +132,24 @@ def test_mount_below_run_and_memfs_commands_inside_the_sandbox():
     finally:
         _cleanup(__import__("pathlib").Path(mnt), None)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_status_shows_the_sandbox_and_exec_says_why_there_is_none(memfs_mount):
+    """memfs status (text and --json) tells whether a sandbox runs; without one, memfs exec
+    and memfs udevd say the daemon's reason and exit 125."""
+    on = memfs_mount(extra=["--sandbox"])
+    sb = on.status()["sandbox"]
+    assert sb["mode"] == "on" and sb["running"] is True and sb["error"] is None
+    assert os.path.exists(f"/proc/{sb['holder']}")
+    r = on.cli("status")
+    assert f"sandbox: running (holder pid {sb['holder']}; memfs exec/udevd work)" in r.stdout
+
+    off = memfs_mount(extra=["--no-sandbox"])
+    assert off.status()["sandbox"] == {"mode": "off", "running": False, "holder": None,
+                                       "error": "it was mounted with --no-sandbox"}
+    r = off.cli("status")
+    assert "sandbox: none (it was mounted with --no-sandbox)" in r.stdout
+    for cmd in (("exec", "--", "true"), ("udevd", "--stop")):
+        r = off.cli(*cmd)
+        assert (r.returncode, r.stderr) == (
+            125, f"memfs: no sandbox for {off.path}: it was mounted with --no-sandbox\n")

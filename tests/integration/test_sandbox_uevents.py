@@ -19,8 +19,13 @@ from typing import Callable
 
 import pytest
 
-from memfs.pytest_plugin import fuse_unavailable
-from memfs.sandbox_pytest import memfs_machine_cm
+from memfs.machine.hotplug import Machine
+from memfs.sandbox import MachineSandbox, Sandbox
+from memfs.sysfs.tree import build_tree
+from memfs.testing.machine import memfs_machine_cm
+from memfs.testing.mount import fuse_unavailable
+from tests.fusehelpers import mounted
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or ""),
@@ -33,17 +38,6 @@ needs_udev = pytest.mark.skipif(
 
 MEM = "/sys/devices/system/memory"
 ONLINE_RULE = 'SUBSYSTEM=="memory", ACTION=="add", ATTR{state}=="offline", ATTR{state}="online"\n'
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def lines_of(path: Path) -> list[str]:
@@ -76,6 +70,14 @@ class LineReader:
             got.append(line)
             if pred(line):
                 return got
+
+
+def uevent_listeners(sb: Sandbox) -> list[str]:
+    """NETLINK_KOBJECT_UEVENT sockets in the sandbox's network namespace that receive the
+    kernel's multicast group (the forwarder's own socket joins none): the rows of
+    /proc/net/netlink (net/netlink/af_netlink.c, netlink_seq_show) with Eth 15, Groups != 0."""
+    rows = Path(f"/proc/{sb.holder}/net/netlink").read_text().splitlines()[1:]
+    return [r for r in rows if r.split()[1] == "15" and int(r.split()[3], 16) != 0]
 
 
 def hotplug_cycle(m) -> str:
@@ -140,7 +142,7 @@ def test_udevadm_monitor_kernel_receives_add_online_offline_remove(memfs_machine
     try:
         rd = LineReader(p)
         rd.until(lambda line: line.startswith("KERNEL - the kernel uevent"))
-        time.sleep(0.2)   # the header is printed as the socket is bound
+        wait_for(lambda: uevent_listeners(m.sandbox), what="udevadm monitor to join the uevent group")
         devpath = hotplug_cycle(m)
         out = rd.until(lambda line: line.startswith("ACTION=remove"), timeout=15)
         out += rd.until(lambda line: line.startswith("SEQNUM="), timeout=5)
@@ -188,8 +190,15 @@ def test_pyudev_receives_add_online_offline_remove(memfs_machine, tmp_path):
     try:
         rd = LineReader(p)
         rd.until(lambda line: line == "READY")
-        devpath = hotplug_cycle(m)
-        out = rd.until(lambda line: '"remove"' in line or line == "TIMEOUT", timeout=30)
+        r = m.plug("128M")
+        b = r["blocks"][0]["id"]
+        devpath = f"/devices/system/memory/memory{b}"
+        # the monitor reads phys_index when it gets "add": the block must still exist then
+        out = rd.until(lambda line: '"add"' in line or line == "TIMEOUT", timeout=30)
+        m.write(f"{MEM}/memory{b}/state", "online")
+        m.write(f"{MEM}/memory{b}/state", "offline")
+        m.unplug(r["device"]["id"])
+        out += rd.until(lambda line: '"remove"' in line or line == "TIMEOUT", timeout=30)
         assert p.wait(10) == 0
     finally:
         if p.poll() is None:
@@ -269,18 +278,13 @@ def test_no_memfs_uevent_reaches_the_host_network_namespace(memfs_machine):
 def test_delivery_latency(tmp_path):
     """emit -> kernel ack (forwarder) and emit -> received by libudev in the sandbox."""
     pyudev = pytest.importorskip("pyudev")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fusehelpers import mounted
-    from memfs.machine.hotplug import Machine
-    from memfs.sandbox import Attachment
-    from memfs.sysfs.tree import build_tree
 
     machine = Machine.from_config()
     n = 100
     emitted: dict[int, float] = {}
     machine.events.subscribe(lambda ev: emitted.setdefault(ev.seqnum, time.monotonic()))
     with mounted(build_tree(machine), tmp_path, mode="thread") as mnt:
-        att = Attachment(machine, os.fspath(mnt.path))
+        att = MachineSandbox(machine, os.fspath(mnt.path))
         try:
             with att.sandbox.in_netns():
                 mon = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")

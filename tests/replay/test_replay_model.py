@@ -12,13 +12,11 @@ block just before the refused write (Replayer.pin_kernel_allocation).
 import pytest
 
 from .replayer import Replayer
-from .traces import TRACE_A, TRACE_B, Dump, have_trace, load_trace
+from .traces import TRACE_A, TRACE_B, Dump, load_trace
 
 
 @pytest.mark.parametrize("name", [TRACE_A, TRACE_B])
 def test_trace_replays_exactly(name):
-    if not have_trace(name):
-        pytest.skip(f"reference trace {name} not available")
     trace = load_trace(name)
     r = Replayer(trace)
     problems: list[str] = []

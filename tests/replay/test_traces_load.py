@@ -1,24 +1,18 @@
-"""Sanity tests of tests/replay/traces.py on the reference traces.
-
-Skipped when the reference traces are not available (see traces.traces_dir()).
+"""Sanity tests of tests/replay/traces.py on the reference traces shipped in
+tests/conformance/data. Missing data fails these tests: it is never a skip.
 """
 import errno
+import json
+import lzma
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import traces as T  # noqa: E402
+from . import traces as T
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-pytestmark = pytest.mark.skipif(
-    not (T.have_trace(T.TRACE_A) and T.have_trace(T.TRACE_B)),
-    reason="reference traces not found (set MEMFS_REFERENCE)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +48,57 @@ def test_errno_from_strerror():
         T.errno_from_strerror("Something odd")
 
 
+def test_the_repository_holds_every_recorded_trace():
+    """The conformance data ships with memfs: every kernel, every scenario, loadable."""
+    for kernel, scenarios in T.EXPECTED.items():
+        assert T.traces_dir(kernel) == T.DATA / kernel, f"conformance data of {kernel} missing"
+        assert T.trace_names(kernel) == sorted(scenarios), kernel
+        info = (T.DATA / kernel / "kernel-info.txt").read_text()
+        for name in scenarios:
+            t = T.load_trace(name, kernel)
+            assert t.completed and t.kernel == kernel, (kernel, name)
+            # the build recorded is the one kernel-info.txt names
+            assert t.header.uname in info, (kernel, name)
+            want = kernel.removeprefix("arm64-")
+            assert t.header.kernel_version == want, (kernel, name, t.header.uname)
+
+
+def test_missing_data_is_an_error_not_a_skip(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMFS_REFERENCE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no traces of kernel 7.2 in .MEMFS_REFERENCE="):
+        T.load_trace(T.TRACE_A, "7.2")
+
+
+def test_release_strings():
+    assert T.load_trace("a", "6.12").header.release == "6.12.117+deb13-amd64"
+    assert T.load_trace("a", "7.2").header.release == "7.2.13+deb14-amd64"
+    assert T.load_trace("a").header.release == "6.1.0-56-amd64"
+
+
 def test_env_override(monkeypatch, tmp_path):
     real = T.traces_dir()
-    monkeypatch.setenv("MEMFS_REFERENCE", str(real.parent))  # the reference/ dir
-    assert T.traces_dir() == real
-    monkeypatch.setenv("MEMFS_REFERENCE", str(real))  # the traces/ dir itself
-    assert T.traces_dir() == real
+    assert real == T.DATA / "6.1"
+    # a fresh recording laid out as the harness writes it: traces/ (6.1), traces-<kernel>/
+    for harness, kernel in (("traces", "6.1"), ("traces-7.2", "7.2")):
+        d = tmp_path / "ref" / harness / "a_memmap_on"
+        d.mkdir(parents=True)
+        (d / "trace.json").write_bytes(lzma.decompress((T.DATA / kernel / "a_memmap_on" / "trace.json.xz").read_bytes()))
+        (d / "run-meta.json").write_bytes((T.DATA / kernel / "a_memmap_on" / "run-meta.json").read_bytes())
+    monkeypatch.setenv("MEMFS_REFERENCE", str(tmp_path / "ref"))  # the harness folder
+    assert T.traces_dir() == tmp_path / "ref" / "traces"
+    assert T.traces_dir("7.2") == tmp_path / "ref" / "traces-7.2"
+    assert T.load_trace("a", "7.2").header.kernel_version == "7.2"
+    monkeypatch.setenv("MEMFS_REFERENCE", str(tmp_path / "ref" / "traces"))  # the 6.1 traces/ folder itself
+    assert T.traces_dir() == tmp_path / "ref" / "traces"
+    assert len(T.load_trace("a").writes()) == 67
     monkeypatch.setenv("MEMFS_REFERENCE", str(tmp_path))  # wrong: counts as absent
     assert T.traces_dir() is None
     assert T.trace_names() == []
     assert not T.have_trace(T.TRACE_A)
     with pytest.raises(FileNotFoundError):
         T.load_trace(T.TRACE_A)
+    monkeypatch.delenv("MEMFS_REFERENCE")
+    assert json.loads((T.DATA / "6.1" / "a_memmap_on" / "run-meta.json").read_text())["completed"]
 
 
 def test_names_and_alias():
@@ -330,7 +363,6 @@ def test_block_states_same_in_a_and_b(a, b):
 
 # ------------------------------------------------------------------ probe trace, TRACES.md
 
-@pytest.mark.skipif(not T.have_trace("probe"), reason="probe trace absent")
 def test_probe_listing():
     p = T.load_trace("probe")
     ls = p.of_type(T.Listing)

@@ -1,6 +1,6 @@
-"""Loader for the reference traces recorded on a real kernel (Debian 6.1 under QEMU).
+"""Loader for the reference traces recorded on real kernels (Debian 6.1, 6.12, 7.2 under QEMU).
 
-Turns ``<traces>/<name>/trace.json`` (made by reference/parse_trace.py from the
+Turns ``<traces>/<name>/trace.json[.xz]`` (made by the harness's parse_trace.py from the
 guest's data port) plus ``run-meta.json`` (the exact QEMU argv) into a
 normalized, ordered list of steps that a replayer can drive through the
 model or through a FUSE mount and compare:
@@ -18,11 +18,14 @@ model or through a FUSE mount and compare:
 This module has no dependency on the rest of memfs (so it can be used to check
 the emulator from the outside).
 
-Where the traces are: ``$MEMFS_REFERENCE`` if set (either the ``reference``
-directory or its ``traces`` subdirectory; a wrong setting means "absent", there
-is no fallback), else ``<repo>/../shared/reference/traces`` where ``<repo>`` is
-two levels above this file's directory.  ``traces_dir()`` returns None when
-the directory is missing; callers should then skip.
+Where the traces are: in the repository, ``tests/conformance/data/<kernel>/<scenario>/``
+(``trace.json.xz`` + ``run-meta.json``; kernels ``6.1``, ``6.12``, ``7.2``, ``arm64-6.1``;
+see docs/conformance.md). ``$MEMFS_REFERENCE`` points the loader at a fresh recording
+instead: a folder laid out like ``tests/conformance/data``, or the harness's own output
+(``traces/`` for 6.1, ``traces-<kernel>/`` for the others), or for 6.1 the ``traces``
+folder itself; a wrong setting means "absent", there is no fallback. Data that is
+absent is an error (FileNotFoundError), never a skip: a clone without its traces
+proves nothing.
 
 Conventions worth knowing when comparing (see also TRACES.md):
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import errno as _errno
 import json
+import lzma
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,6 +52,9 @@ from typing import Any, Iterator, Optional, Union
 __all__ = [
     "TRACE_A",
     "TRACE_B",
+    "DATA",
+    "KERNELS",
+    "EXPECTED",
     "traces_dir",
     "trace_names",
     "have_trace",
@@ -82,46 +89,71 @@ ACPI = "/sys/bus/acpi/devices"
 # locating traces
 # --------------------------------------------------------------------------
 
-def traces_dir() -> Optional[Path]:
-    """The directory holding one subdirectory per trace, or None if absent."""
+#: the conformance data shipped with memfs
+DATA = Path(__file__).resolve().parent.parent / "conformance" / "data"
+#: every kernel recorded, and the scenarios the repository must hold for it
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "6.1": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force", "probe"),
+    "6.12": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force"),
+    "7.2": ("a_memmap_on", "b_memmap_off", "f_virtio_mem"),
+    "arm64-6.1": ("a_memmap_on", "b_memmap_off"),
+}
+KERNELS = tuple(EXPECTED)
+
+
+def _has_traces(d: Path) -> bool:
+    return d.is_dir() and any(_trace_file(x) is not None for x in d.iterdir() if x.is_dir())
+
+
+def _trace_file(d: Path) -> Optional[Path]:
+    for n in ("trace.json", "trace.json.xz"):
+        if (d / n).is_file():
+            return d / n
+    return None
+
+
+def traces_dir(kernel: str = "6.1") -> Optional[Path]:
+    """The directory holding one subdirectory per trace of ``kernel``, or None if absent."""
     env = os.environ.get("MEMFS_REFERENCE")
     if env:
         # an explicit setting wins; if it is wrong the traces count as absent
         p = Path(env)
-        candidates = [p / "traces", p]
+        harness = "traces" if kernel == "6.1" else f"traces-{kernel}"
+        candidates = [p / kernel, p / harness] + ([p] if kernel == "6.1" else [])
     else:
-        repo = Path(__file__).resolve().parent.parent.parent
-        candidates = [repo.parent / "shared" / "reference" / "traces"]
+        candidates = [DATA / kernel]
     for c in candidates:
-        if c.is_dir() and any((d / "trace.json").is_file() for d in c.iterdir() if d.is_dir()):
+        if _has_traces(c):
             return c
     return None
 
 
-def trace_names() -> list[str]:
-    d = traces_dir()
+def trace_names(kernel: str = "6.1") -> list[str]:
+    d = traces_dir(kernel)
     if d is None:
         return []
-    return sorted(p.name for p in d.iterdir() if (p / "trace.json").is_file())
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and _trace_file(p) is not None)
 
 
-def _resolve(name: str) -> Path:
-    d = traces_dir()
+def _resolve(name: str, kernel: str = "6.1") -> Path:
+    d = traces_dir(kernel)
     if d is None:
-        raise FileNotFoundError("reference traces not found (set MEMFS_REFERENCE)")
+        where = f"$MEMFS_REFERENCE={os.environ['MEMFS_REFERENCE']}" if os.environ.get("MEMFS_REFERENCE") \
+            else str(DATA / kernel)
+        raise FileNotFoundError(f"no traces of kernel {kernel} in {where} (docs/conformance.md: recording traces)")
     p = d / name
-    if (p / "trace.json").is_file():
+    if _trace_file(p) is not None:
         return p
     # short alias: "a" -> "a_memmap_on"
-    matches = [q for q in d.iterdir() if q.name.startswith(name + "_") and (q / "trace.json").is_file()]
+    matches = [q for q in d.iterdir() if q.name.startswith(name + "_") and _trace_file(q) is not None]
     if len(matches) == 1:
         return matches[0]
-    raise FileNotFoundError(f"no trace {name!r} in {d}")
+    raise FileNotFoundError(f"no trace {name!r} of kernel {kernel} in {d}")
 
 
-def have_trace(name: str) -> bool:
+def have_trace(name: str, kernel: str = "6.1") -> bool:
     try:
-        _resolve(name)
+        _resolve(name, kernel)
         return True
     except FileNotFoundError:
         return False
@@ -248,8 +280,16 @@ class Header:
 
     @property
     def kernel_version(self) -> Optional[str]:
-        m = re.search(r"\b(\d+\.\d+)\.\d+-", self.uname)
+        """major.minor of the recorded kernel (``6.1.0-56-amd64`` -> 6.1,
+        ``6.12.117+deb13-amd64`` -> 6.12)."""
+        m = re.search(r"\b(\d+\.\d+)\.\d+[-+]", self.uname)
         return m.group(1) if m else None
+
+    @property
+    def release(self) -> Optional[str]:
+        """The release string as ``uname -r`` prints it (``7.2.13+deb14-amd64``)."""
+        parts = self.uname.split()
+        return parts[2] if len(parts) > 2 else None
 
 
 @dataclass(frozen=True)
@@ -261,7 +301,8 @@ class Write:
     newline: bool
     #: shell exit status (0 or 1)
     rc: int
-    #: errno of the failure, None on success
+    #: errno of the failure, None on success (and for a failed printf, which prints no
+    #: error: check ``rc``)
     errno: Optional[int]
     #: True when open(2) failed ("can't create PATH: ..."), False for a failed write(2)
     at_open: bool = False
@@ -329,11 +370,13 @@ class WaitGone:
 
 @dataclass(frozen=True)
 class Waited:
-    """The guest polled until the number of memoryN directories changed."""
+    """The guest polled until the number of memoryN directories changed (``before`` ->
+    ``now``), or until ``cond`` held on that number ``$n`` (f.sh; ``before`` is None)."""
 
-    before: int
+    before: Optional[int]
     now: int
     tenths: int
+    cond: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -457,6 +500,8 @@ class Trace:
     host_requests: list[tuple[str, dict]]
     #: run-meta.json verbatim
     meta: dict
+    #: the kernel folder it was loaded from (``6.1``, ``6.12``, ``7.2``, ``arm64-6.1``)
+    kernel: str = "6.1"
 
     def dumps(self) -> list[Dump]:
         return [s for s in self.steps if isinstance(s, Dump)]
@@ -733,12 +778,14 @@ def _listing(path: str, lines: list[str]) -> Listing:
     return Listing(path=path, lines=list(lines), entries=entries)
 
 
-def load_trace(name: str) -> Trace:
-    """Load ``<traces>/<name>`` (``name`` may be a short alias such as ``"a"``).
+def load_trace(name: str, kernel: str = "6.1") -> Trace:
+    """Load trace ``name`` of ``kernel`` (``name`` may be a short alias such as ``"a"``).
 
     Raises FileNotFoundError if the traces directory or that trace is missing."""
-    tdir = _resolve(name)
-    raw = json.loads((tdir / "trace.json").read_text())
+    tdir = _resolve(name, kernel)
+    tfile = _trace_file(tdir)
+    assert tfile is not None
+    raw = json.loads(lzma.decompress(tfile.read_bytes()) if tfile.suffix == ".xz" else tfile.read_bytes())
     meta_path = tdir / "run-meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     argv: list[str] = list(meta.get("qemu_cmd", []))
@@ -777,7 +824,9 @@ def load_trace(name: str) -> Trace:
             steps.append(_build_dump(ev))
         elif t == "write":
             eno, at_open = _classify_error(ev.get("err", ""))
-            if ev["rc"] != 0 and eno is None:
+            if ev["rc"] != 0 and eno is None and ev.get("newline", True):
+                # busybox's printf builtin reports no write error (arm64 trace: rc 1,
+                # no text); an echo always does
                 raise ValueError(f"failed write without error text: {ev}")
             steps.append(Write(path=ev["path"], value=ev["value"], newline=ev.get("newline", True), rc=ev["rc"],
                                errno=eno if ev["rc"] != 0 else None, at_open=at_open, err=ev.get("err", "")))
@@ -805,9 +854,14 @@ def load_trace(name: str) -> Trace:
             steps.append(WaitGone(path=m.group(1), gone=m.group(2) == "gone", tenths=int(m.group(3))))
         elif t == "waited":
             m = re.fullmatch(r"tenths=(\d+) before=(\d+) now=(\d+)", ev["text"].strip())
+            if m:
+                steps.append(Waited(before=int(m.group(2)), now=int(m.group(3)), tenths=int(m.group(1))))
+                continue
+            # f.sh waits for a condition on the block count instead ("cond=[ $n -ge 12 ]")
+            m = re.fullmatch(r"tenths=(\d+) cond=(.+) now=(\d+)", ev["text"].strip())
             if not m:
                 raise ValueError(f"bad waited line {ev['text']!r}")
-            steps.append(Waited(before=int(m.group(2)), now=int(m.group(3)), tenths=int(m.group(1))))
+            steps.append(Waited(before=None, now=int(m.group(3)), tenths=int(m.group(1)), cond=m.group(2)))
         elif t == "note":
             steps.append(Note(ev["text"]))
         elif t == "ls":
@@ -826,4 +880,4 @@ def load_trace(name: str) -> Trace:
             steps.append(Marker(kind=t, text=ev.get("text", "")))
 
     return Trace(name=tdir.name, path=tdir, header=header, steps=steps, cold_dimms=cold,
-                 completed=completed, host_requests=host_requests, meta=meta)
+                 completed=completed, host_requests=host_requests, meta=meta, kernel=kernel)

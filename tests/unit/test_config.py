@@ -1,6 +1,6 @@
 """Machine description: sizes, ranges, the embedded default, block_size "auto", refusals.
 
-The block-size rules are arch/x86/mm/init_64.c probe_memory_block_size() (spec section 8);
+The block-size rules are arch/x86/mm/init_64.c probe_memory_block_size();
 the default machine's numbers are those of the reference trace (Debian 6.1, QEMU -m 1G).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from memfs.machine.config import (
     ConfigError, default_text, from_dict, load_config, parse_range, parse_size, probe_memory_block_size,
 )
 from memfs.machine.hotplug import Machine
+from memfs.machine.profiles import resolve_kernel
 
 MiB, GiB = 1 << 20, 1 << 30
 DEFAULT = tomllib.loads(default_text())
@@ -185,8 +186,10 @@ def test_force_accepted_from_6_6(kernel):
 
 
 def test_unknown_kernel_and_arch_refused():
-    with pytest.raises(ConfigError, match=r"^kernel: unknown profile '4.19'"):
+    with pytest.raises(ConfigError, match=r"^kernel: 4.19 is older than the oldest profile \(5.12\)"):
         from_dict(raw(kernel="4.19"))
+    with pytest.raises(ConfigError, match=r"^kernel: unknown profile 'linus'; give a profile \(5.12, "):
+        from_dict(raw(kernel="linus"))
     with pytest.raises(ConfigError, match=r"^arch: unknown 'riscv64'"):
         from_dict(raw(arch="riscv64"))
 
@@ -249,3 +252,41 @@ def test_invalid_toml_names_the_file(tmp_path):
     p.write_text("kernel = \n")
     with pytest.raises(ConfigError, match=rf"^{p}: not valid TOML"):
         load_config(p)
+
+
+@pytest.mark.parametrize("text, profile, note", [
+    ("6.12", "6.12", None),
+    ("6.12.117+deb13-amd64", "6.12", "kernel 6.12.117+deb13-amd64: profile 6.12 (exact release line)"),
+    ("7.2.13", "7.2", "kernel 7.2.13: profile 7.2 (exact release line)"),
+    ("6.1.0-56-amd64", "6.1", "kernel 6.1.0-56-amd64: profile 6.1 (exact release line)"),
+    ("6.10.3", "6.8", "kernel 6.10.3: profile 6.8 (newest profile not newer than 6.10)"),
+    ("7.0.1-arch1-1", "6.19", "kernel 7.0.1-arch1-1: profile 6.19 (newest profile not newer than 7.0)"),
+    ("8.1", "7.2", "kernel 8.1: profile 7.2 (newest profile not newer than 8.1)"),
+])
+def test_release_strings_pick_the_covering_profile(text, profile, note):
+    assert resolve_kernel(text) == (profile, note)
+    assert from_dict(raw(kernel=text)).kernel == profile
+
+
+@pytest.mark.parametrize("kernel, total_kb, dma32_managed, free_kb", [
+    ("6.1", 915420, 225015, 862312),   # tests/conformance/data/*/a_memmap_on: the boot dump
+    ("6.12", 922260, 226725, 891920),
+    ("7.2", 918008, 225662, 880652),
+])
+def test_default_machine_boots_with_the_builds_numbers(kernel, total_kb, dma32_managed, free_kb):
+    m = Machine(load_config(None, kernel=kernel))
+    zones = m.nodes[0]
+    assert (zones.zone("DMA").managed, zones.zone("DMA32").managed) == (3840, dma32_managed)
+    assert (m.meminfo()["MemTotal"], m.meminfo()["MemFree"]) == (total_kb, free_kb)
+
+
+def test_auto_boot_numbers_scale_with_the_boot_memmap():
+    """"auto" reserves the memmap of every boot section (2 MiB per 128 MiB) plus the build's
+    early reservations on the first node with RAM only."""
+    d = raw(kernel="6.12")
+    d["node"] = [{"id": 0, "ram": ["0-0x80000000"], "reserved": "auto", "used": "auto"},
+                 {"id": 1, "ram": ["0x100000000-0x140000000"], "reserved": "auto", "used": "auto"}]
+    d.pop("dimm", None)
+    cfg = from_dict(d)
+    assert [n.reserved // 4096 for n in cfg.nodes] == [16 * 512 + 27195, 8 * 512]
+    assert [n.used // 4096 for n in cfg.nodes] == [7585, 0]

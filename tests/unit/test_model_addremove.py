@@ -266,7 +266,7 @@ def test_remove_refuses_online_blocks():
     dev = m.plug(256 * MiB, dev_id="d", driver="dax_kmem")
     Sys(m).state(dev.block_ids[1], "online")
     before = snapshot(m)
-    with pytest.raises(OSError) as ei:
+    with m.lock, pytest.raises(OSError) as ei:  # remove_memory() expects the hotplug lock held
         m.remove_memory(dev)
     assert ei.value.errno == errno.EBUSY and snapshot(m) == before
 

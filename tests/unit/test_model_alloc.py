@@ -1,4 +1,4 @@
-"""Allocations: what makes offlining fail (spec section 6.2) and placement determinism.
+"""Allocations: what makes offlining fail (mm/memory_hotplug.c offline_pages()) and placement determinism.
 
 Unmovable pages in the range -> offline_pages() fails to isolate: EBUSY, state back to
 online, nothing changed, no uevent. Movable pages are migrated (do_migrate_range) when

@@ -1,4 +1,4 @@
-"""memmap_on_memory accounting, profile by profile (spec sections 4 and 5).
+"""memmap_on_memory accounting, profile by profile.
 
 mm/memory_hotplug.c mhp_supports_memmap_on_memory(), memory_block_memmap_on_memory_pages(),
 add_memory_resource(); drivers/base/memory.c memory_block_online()/_offline() (the V pages

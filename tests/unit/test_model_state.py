@@ -1,4 +1,4 @@
-"""`state` and `online` stores through the sysfs attribute tables (spec sections 1.1, 2, 9.1-9.2).
+"""`state` and `online` stores through the sysfs attribute tables.
 
 drivers/base/memory.c state_store(): sysfs_streq against the four names, EINVAL when the
 block is already in the requested state (device_online/device_offline return 1).

@@ -1,4 +1,4 @@
-"""Zone selection, valid_zones and zone span accounting (spec sections 3 and 5).
+"""Zone selection, valid_zones and zone span accounting.
 
 mm/memory_hotplug.c: zone_for_pfn_range(), default_kernel_zone_for_pfn(),
 default_zone_for_pfn() (contig-zones), auto_movable_zone_for_pfn() /

@@ -1,7 +1,7 @@
 """Unit tests for memfs.sysfs.parse: the kernel's sysfs string parsers.
 
-Every rule of spec section 1.1 (kernel-semantics.md) and of lib/string.c /
-lib/kstrtox.c has a case here, plus the write results recorded in the
+Every rule of lib/string.c (sysfs_streq, __sysfs_match_string) and
+lib/kstrtox.c (kstrtobool, kstrto*int) has a case here, plus the write results recorded in the
 reference traces (e.g. `-1` > auto_movable_ratio is EINVAL).
 """
 import errno

@@ -2,7 +2,7 @@
 
 lib/kobject_uevent.c kobject_synth_uevent(); fs/proc/meminfo.c, drivers/base/node.c
 node_read_meminfo(), mm/vmstat.c zoneinfo_show_print() (per-zone detail and start_pfn
-only for populated zones), drivers/base/memory.c root attributes (spec sections 1, 7).
+only for populated zones), drivers/base/memory.c root attributes.
 """
 from __future__ import annotations
 

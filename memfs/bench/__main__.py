@@ -1,5 +1,0 @@
-import sys
-
-from memfs.bench.run import main
-
-sys.exit(main())
