@@ -8,6 +8,8 @@ proc/sys/kernel/{osrelease,arch}.
 """
 from __future__ import annotations
 
+import json
+import lzma
 import os
 import re
 import stat
@@ -198,70 +200,46 @@ def attribute_files(root: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
-def dump_from_trace(text: str, dst: str | os.PathLike[str], arch: str) -> int:
-    """A dump directory from one dump of a reference trace (the guest's data-port format:
-    ``@@F PATH rc=N`` / content / ``@@E``, ``@@L PATH TARGET``, ``@@NODELINKS DIR NAMES``).
-    ``/proc/iomem(RAM)`` is the RAM lines of /proc/iomem; the kernel release and command
-    line come from the boot messages (``dmesg-new``) when the dump has them."""
-    dst = Path(dst)
-    n = 0
-    lines = text.splitlines()
-    i = 0
 
-    def put(rel: str, data: str) -> None:
+CONFORMANCE = Path(__file__).resolve().parent / "conformance" / "data"
+
+
+def trace_dumps(kernel: str, scenario: str) -> tuple[dict[str, str], list[dict]]:
+    """A recorded trace of a real kernel (tests/conformance/data): its header and dump events."""
+    raw = json.loads(lzma.decompress((CONFORMANCE / kernel / scenario / "trace.json.xz").read_bytes()))
+    return raw["header"], [e for e in raw["events"] if e.get("type") == "dump"]
+
+
+def dump_from_trace(header: dict[str, str], dump: dict, dst: str | os.PathLike[str]) -> int:
+    """A dump directory from one dump of a recorded trace: every file the guest read
+    (``/proc/iomem(RAM)`` is the RAM lines of /proc/iomem), its links and node links; the
+    release, arch and command line from the trace's header (uname -a, /proc/cmdline)."""
+    dst = Path(dst)
+
+    def put(rel: str, text: str) -> None:
         p = dst / rel.lstrip("/")
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(data)
+        p.write_text(text + "\n" if text else "")
 
-    while i < len(lines):
-        ln = lines[i]
-        if ln.startswith("@@F "):
-            path, rc = ln[4:].rsplit(" rc=", 1)
-            j = lines.index("@@E", i + 1)
-            body = "".join(x + "\n" for x in lines[i + 1:j])
-            i = j + 1
-            if path == "/proc/iomem(RAM)":
-                path = "/proc/iomem"
-            elif path == "dmesg-new":
-                m = re.search(r"Linux version (\S+)", body)
-                if m:
-                    put("proc/sys/kernel/osrelease", m.group(1) + "\n")
-                m = re.search(r"Command line: (.*)", body)
-                if m:
-                    put("proc/cmdline", m.group(1) + "\n")
-                continue
-            if rc != "0" or not path.startswith(("/sys/", "/proc/")) or "(" in path:
-                continue
-            put(path, body)
-            n += 1
+    n = 0
+    for path, f in dump["files"].items():
+        if path == "/proc/iomem(RAM)":
+            path = "/proc/iomem"
+        if f.get("rc") != 0 or not path.startswith(("/sys/", "/proc/")) or "(" in path:
             continue
-        if ln.startswith("@@L "):
-            _, path, target = ln.split(" ", 2)
-            p = dst / path.lstrip("/")
+        put(path, f["text"])
+        n += 1
+    for path, target in dump["links"].items():
+        p = dst / path.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, p)
+    for d, names in dump.get("nodelinks", {}).items():
+        for name in names:
+            p = dst / d.lstrip("/") / name
             p.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(target, p)
-        elif ln.startswith("@@NODELINKS "):
-            _, d, *names = ln.split()
-            for name in names:
-                p = dst / d.lstrip("/") / name
-                p.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(f"../../memory/{name}", p)
-        i += 1
-    put("proc/sys/kernel/arch", arch + "\n")
+            os.symlink(f"../../memory/{name}", p)
+    uname = header["uname"].split()  # Linux HOST RELEASE #1 ... ARCH GNU/Linux
+    put("proc/sys/kernel/osrelease", uname[2])
+    put("proc/sys/kernel/arch", uname[-2])
+    put("proc/cmdline", header.get("cmdline", ""))
     return n
-
-
-def trace_dumps(data_log: str) -> dict[int, tuple[str, str]]:
-    """The dumps of a reference trace's data.log: number -> (label, text)."""
-    out: dict[int, tuple[str, str]] = {}
-    cur: tuple[int, str, list[str]] | None = None
-    for ln in data_log.splitlines():
-        if ln.startswith("@@DUMP_BEGIN "):
-            _, num, label = ln.split(" ", 2)
-            cur = (int(num), label, [])
-        elif ln.startswith("@@DUMP_END ") and cur is not None:
-            out[cur[0]] = (cur[1], "\n".join(cur[2]) + "\n")
-            cur = None
-        elif cur is not None:
-            cur[2].append(ln)
-    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from memfs.pytest_plugin import memfs_cli
-from tests.sysdump import LSMEM_OPTION_SETS, attribute_files, copy_sysroot
+from tests.sysdump import LSMEM_OPTION_SETS, attribute_files, copy_sysroot, dump_from_trace, trace_dumps
 
 pytestmark = pytest.mark.skipif(shutil.which("lsmem") is None, reason="lsmem (util-linux) is not installed")
 
@@ -90,6 +90,19 @@ def test_memfs_machines_round_trip(memfs_mount, tmp_path, name):
     (dump / "proc/sys/kernel").mkdir(parents=True)
     (dump / "proc/sys/kernel/osrelease").write_text(f"{src.status()['kernel']}.0-test\n")
     (dump / "proc/sys/kernel/arch").write_text("x86_64\n")
+    check_roundtrip(memfs_mount, dump, tmp_path)
+
+
+@pytest.mark.parametrize("kernel, scenario, step", [
+    ("6.1", "a_memmap_on", 16),  # DIMM blocks in Movable and Normal, boot blocks in DMA/DMA32
+    ("6.1", "a_memmap_on", 22),  # after two ACPI ejects: the 1G DIMM alone in slot 2
+    ("7.2", "f_virtio_mem", 5),  # virtio-mem blocks, one Normal, three Movable
+    ("arm64-6.1", "a_memmap_on", 1),  # arm64 virt: the flash bank's block, RAM at 1 GiB, all DMA
+])
+def test_real_kernel_dumps_round_trip(memfs_mount, tmp_path, kernel, scenario, step):
+    header, dumps = trace_dumps(kernel, scenario)
+    dump = tmp_path / "dump"
+    dump_from_trace(header, next(d for d in dumps if d["step"] == step), dump)
     check_roundtrip(memfs_mount, dump, tmp_path)
 
 

@@ -17,7 +17,7 @@ from memfs.describe import DescribeError, describe, profile_for_release
 from memfs.machine.config import from_dict
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.tree import build_tree
-from tests.sysdump import attribute_files, dump_tree
+from tests.sysdump import CONFORMANCE, attribute_files, dump_from_trace, dump_tree, trace_dumps
 from tests.unit.sysroot import MEM, Sysroot, machine
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -203,3 +203,38 @@ def test_cli_writes_the_file_it_is_given(tmp_path, capsys):
     assert out.read_text() == describe(src).text
     assert main(["describe", "--sysroot", str(src)]) == 0
     assert capsys.readouterr().out == out.read_text()
+
+
+# ---------------------------------------------------------------- dumps of real kernels
+TRACES = [(k.name, s.name) for k in sorted(CONFORMANCE.iterdir()) if k.is_dir()
+          for s in sorted(k.iterdir()) if s.is_dir()]
+
+
+@pytest.mark.parametrize("kernel, scenario", TRACES)
+def test_every_dump_of_a_real_kernel_comes_back_the_same(tmp_path, kernel, scenario):
+    """Each dump a real kernel's guest wrote (tests/conformance/data: Debian 6.1, 6.12, 7.2 on
+    QEMU pc, 6.1 on arm64 virt; ACPI DIMMs in and out of their slots, virtio-mem, memmap_on_memory
+    on, off and force, blocks in every zone) is described; booted again, the description reads
+    the same in every block attribute, node link and node MemTotal/MemFree/MemUsed."""
+    header, dumps = trace_dumps(kernel, scenario)
+    assert dumps
+    for d in dumps:
+        src, out = tmp_path / f"{d['step']}-src", tmp_path / f"{d['step']}-replica"
+        dump_from_trace(header, d, src)
+        desc = describe(src)
+        assert desc.differences == [], (d["step"], d["label"])
+        dump_tree(build_tree(Machine(from_dict(tomllib.loads(desc.text)))), out)
+        want = attribute_files(src)
+        assert attribute_files(out) == want, (d["step"], d["label"])
+        assert any(k.endswith("/valid_zones") for k in want) and any(k.endswith("/meminfo") for k in want)
+
+
+def test_arm64_firmware_memory_is_described_as_nomap(tmp_path):
+    """QEMU virt's second flash bank (memory0) and the EFI regions inside RAM are present in
+    ZONE_DMA but not System RAM: nomap, so memory0 exists and offlining it fails for holes."""
+    header, dumps = trace_dumps("arm64-6.1", "a_memmap_on")
+    dump_from_trace(header, dumps[0], tmp_path)
+    raw = tomllib.loads(describe(tmp_path).text)
+    assert (raw["kernel"], raw["arch"]) == ("6.1", "arm64-4k")
+    assert raw["node"][0]["ram"] == ["0x40000000-0x7c440000", "0x7c730000-0x7fc00000", "0x7ffe0000-0x80000000"]
+    assert raw["node"][0]["nomap"] == ["0x4000000-0x8000000", "0x7c440000-0x7c730000", "0x7fc00000-0x7ffe0000"]
