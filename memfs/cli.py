@@ -279,7 +279,7 @@ def cmd_describe(a: argparse.Namespace) -> int:
     sys.dont_write_bytecode = True  # describe writes its output file and nothing else
     from .describe import DescribeError, describe
     try:
-        d = describe(a.sysroot, kernel=a.kernel)
+        d = describe(a.sysroot, kernel=a.kernel, arch=a.arch)
     except DescribeError as e:
         raise Fail(EXIT_USAGE, str(e)) from None
     except OSError as e:
@@ -400,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "proc/sys/kernel/{osrelease,arch}, proc/cmdline); default: this machine, /")
     sp.add_argument("-o", "--output", metavar="FILE", help="write the description to FILE (default: stdout)")
     sp.add_argument("--kernel", metavar="V",
-                    help="kernel profile, e.g. 6.1 (default: the newest profile not newer than the release)")
+                    help="kernel profile or release, e.g. 6.1 or 6.12.117+deb13-amd64 (default: the newest "
+                         "profile not newer than the machine's release)")
+    from .machine.profiles import ARCHES
+    sp.add_argument("--arch", choices=list(ARCHES), metavar="ARCH",
+                    help="the machine's arch and page size, for dumps without proc/sys/kernel/arch: "
+                         + ", ".join(ARCHES))
 
     add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox/cli.py)
     return p

@@ -469,16 +469,20 @@ class Description:
     notes: list[str]
 
 
-def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> Description:
-    """Read the sysroot at ``root`` and return its machine description."""
+def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None, arch: str | None = None) -> Description:
+    """Read the sysroot at ``root`` and return its machine description (``kernel``: a profile
+    or release, ``arch``: an ARCHES name, for dumps that do not say)."""
     live = os.path.realpath(root) == "/"
     dump = read_dump(root)
     notes: list[str] = []
     bs = dump.block_size
     page_size = os.sysconf("SC_PAGE_SIZE") if live else _guess_page_size(dump)
-    arch, note = _arch(dump, live, page_size)
-    if note:
-        notes.append(note)
+    if arch is None:
+        arch, note = _arch(dump, live, page_size)
+        if note:
+            notes.append(note + "; give --arch to choose")
+    elif arch not in ARCHES:
+        raise DescribeError(f"--arch {arch}: one of {', '.join(ARCHES)}")
     page_size = ARCHES[arch].page_size
     release = dump.release or (os.uname().release if live else None)
     if kernel is not None:
@@ -492,11 +496,16 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
         profile, note = profile_for_release(release)
         if note:
             notes.append(note)
-    else:
-        profile = max(PROFILES, key=lambda n: tuple(int(x) for x in n.split(".")))
-        notes.append(f"the dump has no proc/sys/kernel/osrelease: the newest profile ({profile}) is used; "
-                     f"give --kernel to choose")
     old_removable = sorted(b.id for b in dump.blocks.values() if b.removable == "0")
+    if kernel is None and release is None:
+        if old_removable:  # only kernels before 5.7 say 0: the oldest profile is the nearest
+            profile = min(PROFILES, key=lambda n: tuple(int(x) for x in n.split(".")))
+            why = "`removable` reads 0, so the kernel is older than 5.7"
+        else:
+            profile = max(PROFILES, key=lambda n: tuple(int(x) for x in n.split(".")))
+            why = "the newest"
+        notes.append(f"the dump has no proc/sys/kernel/osrelease: profile {profile} ({why}); "
+                     f"give --kernel to choose")
     if old_removable:
         notes.append(f"`removable` reads 0 for memory{_ids(old_removable)}: kernels before 5.7 computed it "
                      f"per block (is_mem_section_removable); memfs models 5.12+ and always shows 1")
@@ -597,17 +606,29 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
             st["zone"] = zone
         raw["state"].append(st)
 
+    def build_applicable(r: dict) -> Machine:
+        """Boot the description; a [[state]] entry the model refuses is left out and said."""
+        while True:
+            try:
+                return build(r)
+            except ConfigError as e:
+                m = re.match(r"^state\[(\d+)\]", str(e))
+                if not m:
+                    raise
+                dropped = r["state"].pop(int(m.group(1)))
+                notes.append(f"left out [[state]] blocks = {dropped['blocks']!r}, state = {dropped['state']!r}: {e}")
+
     # calibrate reserved and used boot memory against zoneinfo and node meminfo
     calibrated = False
     try:
-        m1 = build(raw)
+        m1 = build_applicable(raw)
         if dump.zone_managed:
             for n in raw["node"]:
                 nid = n["id"]
                 if nid in dump.zone_managed and nid in m1.nodes:
                     extra = m1.nodes[nid].managed - dump.zone_managed[nid]
                     n["reserved"] = max(0, extra) * page_size
-            m2 = build(raw)
+            m2 = build_applicable(raw)
             for n in raw["node"]:
                 nid = n["id"]
                 if nid in dump.node_used_kb and nid in m2.nodes:
@@ -617,7 +638,7 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None) -> D
                     present = sum(e - s for s, e in per_node.get(nid, []))
                     n["used"] = min(n["used"], present - n["reserved"])
             calibrated = True
-        m3 = build(raw)
+        m3 = build_applicable(raw)
     except ConfigError as e:
         raise DescribeError(f"the description of {dump.root} cannot be booted by memfs ({e}); "
                             f"please report this with the dump") from None

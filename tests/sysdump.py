@@ -18,16 +18,18 @@ from typing import Callable, Iterator
 
 from memfs.sysfs.kernfs import Attr, DirNode, Link, Tree
 
+_COLUMNS = "RANGE,SIZE,STATE,REMOVABLE,BLOCK,NODE,ZONES"
 LSMEM_OPTION_SETS: tuple[tuple[str, ...], ...] = (
-    # util-linux tests/ts/lsmem/lsmem: the option sets its test runs on each dump
-    (),
+    # util-linux tests/ts/lsmem/lsmem: the option sets its test runs on each dump, in its order
     ("--split=STATE,REMOVABLE",),
     ("--output", "RANGE,SIZE", "--split", "none"),
-    ("--all", "--output", "RANGE,SIZE,STATE,REMOVABLE,BLOCK,NODE,ZONES"),
-    ("--raw",),
-    ("--json",),
+    ("--output", "RANGE,SIZE,STATE", "--split", "STATE"),
+    ("--all", "--output", _COLUMNS),
+    ("--raw", "--output", _COLUMNS, "--split", _COLUMNS),
+    ("--json", "--output", _COLUMNS, "--split", _COLUMNS),
     ("-o", "+ZONES"),
     ("--output-all",),
+    (),
 )
 
 _MEM = "sys/devices/system/memory"
