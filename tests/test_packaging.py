@@ -78,6 +78,7 @@ def test_udevd_unit_content():
     assert u["RestrictNamespaces"] == ["user mnt net pid"]
     assert u["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
     assert u["CapabilityBoundingSet"] == [""]   # none (test_systemd_nspawn.py runs it so)
+    assert u["RestartPreventExitStatus"] == ["125"]   # memfs udevd: no sandbox to run in
 
 
 @pytest.mark.parametrize("unit", [UNIT, UDEVD_UNIT], ids=lambda p: p.name)

@@ -273,6 +273,14 @@ def test_the_daemon_says_which_unit_setting_forbids_the_sandbox(container: Conta
                         f"failed: [Errno 1] unshare(0x10000000): Operation not permitted (the unit's "
                         f"RestrictNamespaces= must allow user mnt net pid; or user namespaces are "
                         f"disabled (sysctl user.max_user_namespaces))\n")
+    # the companion says the same in its journal, and does not retry (exit 125)
+    c.run("mkdir", "-p", "/etc/memfs/tight.rules.d")
+    c.run("systemctl", "start", "memfs-udevd@tight")
+    wait_for(lambda: c.show("memfs-udevd@tight", "ActiveState") == "failed", timeout=30,
+             what="memfs-udevd@tight to fail")
+    assert (c.show("memfs-udevd@tight", "ExecMainStatus"), c.show("memfs-udevd@tight", "NRestarts")) == ("125", "0")
+    journal = c.run("journalctl", "-u", "memfs-udevd@tight", "-o", "cat").stdout
+    assert f"memfs: no sandbox for {mnt}: the daemon could not start it: sandbox holder failed: " in journal
     # the shipped drop-in: no sandbox, on purpose, and said so
     c.run("python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
           f"{dropin}/no-sandbox.conf", (REPO / "systemd/memfs@.service.d/no-sandbox.conf").read_text())
