@@ -1,7 +1,7 @@
 """The daemon's reason for having no sandbox names the setting that most likely caused it
-(memfs.sandbox.service.likely_cause). The errors are those a real systemd 252 gave with one
-grant of systemd/memfs@.service taken away (tests/integration/test_systemd_nspawn.py boots
-the first case)."""
+(memfs.sandbox.service.likely_cause). The first three errors are those a real systemd 252
+gave with one grant of systemd/memfs@.service taken away (tests/integration/
+test_systemd_nspawn.py boots the first); the fourth is the shape of a failed bind mount."""
 from __future__ import annotations
 
 import errno
