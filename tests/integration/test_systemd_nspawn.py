@@ -168,7 +168,11 @@ def container(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 return False
             r = c.run("systemctl", "is-system-running", check=False, timeout=20)
             return r.stdout.strip() in ("running", "degraded")
-        wait_for(booted, timeout=90, what="the container to boot", interval=0.2)
+        try:
+            wait_for(booted, timeout=90, what="the container to boot", interval=0.2)
+        except AssertionError:
+            pytest.skip(f"the container did not finish booting in 90 s: "
+                        f"{log.read_text(errors='replace').strip()[-500:]}")
         install_memfs(c)
         yield c
     finally:
