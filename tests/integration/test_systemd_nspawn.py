@@ -107,9 +107,8 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Container:
     """A booted systemd-nspawn container; ``run`` executes a command in it (nsenter)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
-        self.log = log
         self.leader = 0
 
     def find_leader(self) -> int:
@@ -129,8 +128,8 @@ class Container:
             assert r.returncode == 0, f"{argv} exited {r.returncode}:\n{r.stdout}{r.stderr}"
         return r
 
-    def sh(self, script: str, **kw: float | bool) -> subprocess.CompletedProcess[str]:
-        return self.run("sh", "-c", script, **kw)  # type: ignore[arg-type]
+    def sh(self, script: str) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-c", script)
 
     def show(self, unit: str, prop: str) -> str:
         return self.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
@@ -139,7 +138,7 @@ class Container:
         return self.run("cat", path).stdout
 
     def processes(self) -> list[str]:
-        """``pid args`` of every process in the container but systemd's own and ps."""
+        """``pid args`` of every process in the container (but this ps)."""
         out = self.run("ps", "-eo", "pid=,args=").stdout.splitlines()
         return [line.strip() for line in out if "ps -eo" not in line]
 
@@ -157,7 +156,7 @@ def container(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "--console=read-only", "--boot"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    c = Container(proc, log)
+    c = Container(proc)
     try:
         def booted() -> bool:
             if proc.poll() is not None:
