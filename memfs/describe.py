@@ -35,6 +35,7 @@ from pathlib import Path
 from .machine.config import ConfigError, from_dict
 from .machine.hotplug import Machine
 from .machine.profiles import ARCHES, PROFILES, GiB, resolve_kernel
+from .sysfs.parse import bitmap_list
 
 MEMORY = "sys/devices/system/memory"
 NODE = "sys/devices/system/node"
@@ -450,18 +451,6 @@ def _fmt_size(n: int) -> str:
     return f'"{n:#x}"'
 
 
-def _ids(ids: list[int]) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
 @dataclass
 class Description:
     text: str  # the TOML
@@ -507,7 +496,7 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None, arch
         notes.append(f"the dump has no proc/sys/kernel/osrelease: profile {profile} ({why}); "
                      f"give --kernel to choose")
     if old_removable:
-        notes.append(f"`removable` reads 0 for memory{_ids(old_removable)}: kernels before 5.7 computed it "
+        notes.append(f"`removable` reads 0 for memory{bitmap_list(old_removable)}: kernels before 5.7 computed it "
                      f"per block (is_mem_section_removable); memfs models 5.12+ and always shows 1")
     devs = _devices(dump, bs)
     ram, source = _boot_ram(dump, arch, page_size, devs, bs)
@@ -595,7 +584,7 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None, arch
         elif mem.state != "online" or (zone is not None and cur_zone != zone):
             online.append((bid, zone))
     if offline:
-        raw["state"].append({"blocks": _ids(offline), "state": "offline"})
+        raw["state"].append({"blocks": bitmap_list(offline), "state": "offline"})
     groups: list[tuple[list[int], str | None]] = []
     for bid, zone in online:
         if groups and groups[-1][1] == zone and groups[-1][0][-1] == bid - 1:
@@ -603,7 +592,7 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None, arch
         else:
             groups.append(([bid], zone))
     for ids, zone in groups:
-        st: dict = {"blocks": _ids(ids)}
+        st: dict = {"blocks": bitmap_list(ids)}
         st["state"] = "online" if zone is None else "online_movable" if zone == "Movable" else "online_kernel"
         if zone is not None:
             st["zone"] = zone
@@ -677,7 +666,7 @@ def compare(dump: Dump, m: Machine) -> list[str]:
             diffs.append(f"memory{bid}: node links {blk.nodes} here, {got_nodes} in memfs")
     extra = sorted(set(m.blocks) - set(dump.blocks))
     if extra:
-        diffs.append(f"memory{_ids(extra)}: exist in memfs only")
+        diffs.append(f"memory{bitmap_list(extra)}: exist in memfs only")
     return diffs
 
 

@@ -7,7 +7,7 @@ them). nodeN/subsystem points at /sys/bus/node, whose devices/nodeN link back.
 from __future__ import annotations
 
 from ..machine.hotplug import MF_STATS, Machine
-from .kernfs import Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo
+from .kernfs import Dir, DynDir, Link, Node, attr_ro, attr_rw, bus_dir
 from .parse import bitmap_list
 from .procfs import node_meminfo, node_vmstat
 
@@ -119,11 +119,4 @@ def bus_node(m: Machine) -> Dir:
             return Link(f"../../../devices/system/node/{name}")
         return None
 
-    devices = DynDir(lambda: [f"node{n}" for n in sorted(m.nodes) if m.nodes[n].online], lookup)
-    return Dir({
-        "devices": devices,
-        "drivers": Dir({}),
-        "drivers_autoprobe": attr_rw(lambda: "1\n", lambda b: None),
-        "drivers_probe": attr_wo(lambda b: None),
-        "uevent": attr_wo(lambda b: None),
-    })
+    return bus_dir(DynDir(lambda: [f"node{n}" for n in sorted(m.nodes) if m.nodes[n].online], lookup))
