@@ -134,6 +134,27 @@ def _node_stats(m: Machine, nid: int) -> list[tuple[str, int]]:
             ("nr_kernel_stack", 768), ("nr_page_table_pages", 19)]
 
 
+def node_vmstat(m: Machine, nid: int) -> str:
+    """drivers/base/node.c node_read_vmstat() (6.1): zone counters summed over the node's
+    zones, the NUMA events, then the node counters. nr_free_pages, nr_free_cma are the
+    model's; the background counters belong to the lowest node with memory (where the
+    reference VM's kernel and page cache live), the NUMA events are 0 (no allocator)."""
+    with m.lock:
+        node = m.nodes[nid]
+        zones = [z for z in node.zones if z.populated()]
+        free = sum(z.free for z in zones)
+        home = min((n for n, x in m.nodes.items() if x.has_memory()), default=None) == nid
+        bg = 1 if home else 0
+        lines = [("nr_free_pages", free), ("nr_zone_inactive_anon", 77 * bg), ("nr_zone_active_anon", 458 * bg),
+                 ("nr_zone_inactive_file", 0), ("nr_zone_active_file", 0), ("nr_zone_unevictable", 0),
+                 ("nr_zone_write_pending", 0), ("nr_mlock", 0), ("nr_bounce", 0), ("nr_zspages", 0),
+                 ("nr_free_cma", sum(min(z.cma, z.free) for z in zones))]
+        lines += [(k, 0) for k in ("numa_hit", "numa_miss", "numa_foreign", "numa_interleave", "numa_local",
+                                   "numa_other")]
+        lines += [(k, v * bg) for k, v in _node_stats(m, nid)]
+    return "".join(f"{k} {v}\n" for k, v in lines)
+
+
 def vmstat(m: Machine) -> str:
     with m.lock:
         zones = [z for n in m.nodes.values() for z in n.zones]

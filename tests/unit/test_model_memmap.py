@@ -200,6 +200,7 @@ def arm_machine(arch: str, kernel: str, memmap, dimm_size: str) -> Machine:
     raw = tomllib.loads(f"""
 kernel = "{kernel}"
 arch = "{arch}"
+acpi_memory_hotplug = true     # a kernel built with it (Debian's arm64 kernels are not)
 [hotplug]
 base = "4G"
 size = "16G"
