@@ -223,7 +223,13 @@ def cmd_plug(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"device": r["device"], "blocks": r["blocks"]}, indent=2))
     else:
-        print(f"{r['device']['id']}: " + " ".join(f"memory{b['id']} ({b['state']})" for b in r["blocks"]))
+        print(f"{r['device']['id']}: " + (" ".join(f"memory{b['id']} ({b['state']})" for b in r["blocks"])
+                                           or "(no memory blocks)"))
+        if not r["blocks"] and r["device"]["driver"] == "acpi":
+            print(f"memfs: {r['device']['id']} sits in its ACPI slot but gives no memory: this kernel has no "
+                  f"ACPI memory hotplug (CONFIG_ACPI_HOTPLUG_MEMORY is not set, as in Debian's arm64 kernels); "
+                  f"remove it with: memfs unplug {a.mountpoint} {r['device']['id']}; hot-add with --driver virtio_mem "
+                  f"or --driver dax_kmem", file=sys.stderr)
     return EXIT_OK
 
 

@@ -103,6 +103,7 @@ def snapshot(m: Any, **extra: Any) -> dict[str, Any]:
                     "vmemmap": z.vmemmap,
                     "used": z.used,
                     "free": z.free,
+                    "pcp": z.free - z.nr_free_pages,
                 } for z in node.zones],
             })
         out: dict[str, Any] = {

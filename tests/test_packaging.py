@@ -65,7 +65,15 @@ def test_udevd_unit_content():
     assert u["ExecStart"] == ["/usr/local/bin/memfs udevd --foreground --rules ${MEMFS_RULES} ${MEMFS_MOUNT}"]
     assert "MEMFS_RULES=/etc/memfs/%i.rules.d" in u["Environment"]
     assert u["RestrictNamespaces"] == ["user mnt net pid"]
-    # options that would hide the mount in a private mount namespace
+    assert u["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
+    assert u["CapabilityBoundingSet"] == [""]   # none (test_systemd_nspawn.py runs it so)
+
+
+@pytest.mark.parametrize("unit", [UNIT, UDEVD_UNIT], ids=lambda p: p.name)
+def test_units_share_the_hosts_mounts(unit):
+    """Options that would run the service in a private mount namespace, where the FUSE
+    mount (or, for the companion, the mount it joins) would not be the host's."""
+    u = _unit_lines(unit)
     for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ReadWritePaths",
                 "ProtectKernelTunables", "MountFlags", "PrivateMounts"):
         assert key not in u

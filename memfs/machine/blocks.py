@@ -40,6 +40,8 @@ class MemoryBlock:
     present_pages: int = 0  # RAM pages (fewer than nr_pages if the block has holes)
     nr_vmemmap_pages: int = 0
     reserved: int = 0  # boot pages the kernel keeps (PageReserved: unmovable)
+    nomap: int = 0  # of those, firmware memory outside System RAM: holes for offline_pages()
+    cma: int = 0  # managed pages in the CMA area (MIGRATE_CMA pageblocks: never isolated for offline)
     unmovable: int = 0  # pages of unmovable allocations placed here
     movable: int = 0
     hwpoison: int = 0
@@ -67,7 +69,8 @@ class MemoryBlock:
 
     @property
     def has_holes(self) -> bool:
-        return self.present_pages != self.nr_pages
+        """offline_pages(): fewer "System RAM" pages (walk_system_ram_range()) than the block has."""
+        return self.present_pages - self.nomap != self.nr_pages
 
     @property
     def free(self) -> int:
@@ -99,5 +102,5 @@ class HotplugDevice:
     # virtio-mem (drivers/virtio/virtio_mem.c): `start`/`size` are the device region, the
     # hypervisor's requested size is what the driver plugs towards, block by block
     requested: int = 0
-    block_memmap: dict[int, int] = field(default_factory=dict)  # block id -> its memmap allocation
+    block_memmap: dict[int, list[int]] = field(default_factory=dict)  # block id -> its memmap allocations
     wq_active: bool = False  # vm->wq_active: the driver's work item is running

@@ -67,9 +67,34 @@ class BootConfig:
 class NodeConfig:
     id: int
     ram: list[tuple[int, int]] = field(default_factory=list)  # boot RAM, bytes, end exclusive
+    # memory the firmware keeps for itself that memblock still lists (EFI runtime regions,
+    # arm64 MEMBLOCK_NOMAP): present in the zone, never managed, not "System RAM", so a
+    # block holding some has holes for offline_pages()
+    nomap: list[tuple[int, int]] = field(default_factory=list)
     reserved: int | str = 0  # bytes the kernel keeps at boot (present, not managed), or "auto"
     used: int | str = 0  # bytes of managed memory the booted kernel has in use, or "auto"
     cpus: bool = True  # a node with CPUs stays online even without memory
+    cpu_ids: list[int] = field(default_factory=list)  # resolved by validate(): nodeN/cpulist
+    # node_distance(id, j) for each [[node]] j in id order (the ACPI SLIT row); empty: 10 to
+    # itself, 20 to the others (LOCAL_DISTANCE, REMOTE_DISTANCE of include/linux/topology.h)
+    distance: list[int] = field(default_factory=list)
+
+
+RESERVE_KINDS = ("kernel", "firmware", "reserved", "cma", "used")
+
+
+@dataclass
+class ReserveConfig:
+    """A boot-time reservation at a known place (memblock_reserve() or the CMA area).
+
+    kernel/firmware/reserved: PageReserved pages (present, not managed) that page
+    isolation refuses; cma: managed pages in MIGRATE_CMA pageblocks, which offlining
+    cannot isolate either (mm/page_isolation.c has_unmovable_pages()); used: managed pages
+    the booted kernel holds there (slab, page tables: unmovable), on top of [[node]] used.
+    """
+    start: int
+    end: int
+    kind: str = "reserved"
 
 
 @dataclass
@@ -91,12 +116,19 @@ class MachineConfig:
     hypervisor: bool = True  # x86 probe_memory_block_size: VMs align to end of RAM
     probe: bool = False  # CONFIG_ARCH_MEMORY_PROBE: /sys/devices/system/memory/probe
     offline_latency_ms: int = 0  # how long offlining takes (migration time), for racing readers
-    hotplug_base: int = 4 * GiB
+    hotplug_base: int | str = "auto"  # resolved by validate(): QEMU's device-memory base
     hotplug_size: int = 23 * GiB
     slots: int = 8
+    # CONFIG_ACPI_HOTPLUG_MEMORY: "auto" resolves per arch (Debian: x86_64 y, arm64 unset)
+    acpi_memory_hotplug: bool | str = "auto"
+    # arm64: the highest CPU address + 1 that DMA masters reach, as the device tree's
+    # dma-ranges or the IORT say (of_dma_get_max_cpu_address(), acpi_iort_dma_get_max_cpu_address());
+    # None: the firmware states no limit (the kernel sees PHYS_ADDR_MAX)
+    dma_limit: int | None = None
     boot: BootConfig = field(default_factory=BootConfig)
     nodes: list[NodeConfig] = field(default_factory=list)
     dimms: list[DimmConfig] = field(default_factory=list)
+    reserves: list[ReserveConfig] = field(default_factory=list)
 
     @property
     def profile(self):
@@ -108,10 +140,11 @@ class MachineConfig:
 
 
 _TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "probe", "offline_latency_ms",
-             "hotplug", "boot", "node", "dimm"}
+             "acpi_memory_hotplug", "dma_limit", "hotplug", "boot", "node", "dimm", "reserve"}
 _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
-_NODE_KEYS = {"id", "ram", "reserved", "used", "cpus"}
+_NODE_KEYS = {"id", "ram", "nomap", "reserved", "used", "cpus", "distance"}
+_RESERVE_KEYS = {"range", "kind"}
 _DIMM_KEYS = {"id", "size", "node", "addr", "driver", "requested"}
 
 
@@ -208,10 +241,18 @@ def from_dict(raw: dict[str, Any]) -> MachineConfig:
         cfg.offline_latency_ms = _int(raw["offline_latency_ms"], "offline_latency_ms")
         if not 0 <= cfg.offline_latency_ms <= 60_000:
             raise ConfigError("offline_latency_ms: between 0 and 60000 milliseconds")
+    if "acpi_memory_hotplug" in raw:
+        v = raw["acpi_memory_hotplug"]
+        cfg.acpi_memory_hotplug = "auto" if v == "auto" else _bool(v, "acpi_memory_hotplug")
+    if "dma_limit" in raw:
+        v = raw["dma_limit"]
+        cfg.dma_limit = None if v == "none" else parse_size(v, "dma_limit")
+        if cfg.dma_limit == 0:
+            raise ConfigError("dma_limit: \"none\" (no firmware limit) or an address above 0, e.g. \"1G\"")
     hp = raw.get("hotplug", {})
     _check_keys(hp, _HOTPLUG_KEYS, "hotplug.")
     if "base" in hp:
-        cfg.hotplug_base = parse_size(hp["base"], "hotplug.base")
+        cfg.hotplug_base = "auto" if hp["base"] == "auto" else parse_size(hp["base"], "hotplug.base")
     if "size" in hp:
         cfg.hotplug_size = parse_size(hp["size"], "hotplug.size")
     if "slots" in hp:
@@ -223,6 +264,7 @@ def from_dict(raw: dict[str, Any]) -> MachineConfig:
     if not cfg.nodes:
         raise ConfigError("node: at least one [[node]] with boot RAM is needed, e.g. ram = [\"0x100000-0x40000000\"]")
     cfg.dimms = [_dimm(d, i) for i, d in enumerate(raw.get("dimm", []))]
+    cfg.reserves = [_reserve(r, i) for i, r in enumerate(raw.get("reserve", []))]
     validate(cfg)
     return cfg
 
@@ -267,11 +309,39 @@ def _node(t: dict, i: int) -> NodeConfig:
     if isinstance(ram, str):
         ram = [ram]
     n.ram = sorted(parse_range(r, where + "ram") for r in ram)
+    nomap = t.get("nomap", [])
+    if isinstance(nomap, str):
+        nomap = [nomap]
+    n.nomap = sorted(parse_range(r, where + "nomap") for r in nomap)
     # "auto": what the profile's kernel build reserves and uses at boot (resolved in validate)
     n.reserved = "auto" if t.get("reserved") == "auto" else parse_size(t.get("reserved", 0), where + "reserved")
     n.used = "auto" if t.get("used") == "auto" else parse_size(t.get("used", 0), where + "used")
-    n.cpus = _bool(t.get("cpus", True), where + "cpus")
+    cpus = t.get("cpus", True)
+    if isinstance(cpus, str):
+        n.cpu_ids = parse_cpulist(cpus, where + "cpus")
+        n.cpus = bool(n.cpu_ids)
+    else:
+        n.cpus = _bool(cpus, where + "cpus")
+    dist = t.get("distance", [])
+    if not isinstance(dist, list):
+        raise ConfigError(f"{where}distance: a list, one distance per [[node]] in id order, e.g. [10, 20]")
+    n.distance = [_int(x, where + "distance") for x in dist]
     return n
+
+
+def parse_cpulist(text: str, key: str) -> list[int]:
+    """A "%*pbl" CPU list, as nodeN/cpulist shows it: "0-3,8" -> [0, 1, 2, 3, 8]; "" -> []."""
+    ids: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        if not a.isdigit() or (b and not b.isdigit()) or (b and int(b) < int(a)):
+            raise ConfigError(f"{key}: expected true or false, or a CPU list like \"0-3,8\", got {text!r}")
+        ids.update(range(int(a), int(b or a) + 1))
+        if len(ids) > 8192:
+            raise ConfigError(f"{key}: at most 8192 CPUs (NR_CPUS of Debian's kernels)")
+    return sorted(ids)
 
 
 def _dimm(t: dict, i: int) -> DimmConfig:
@@ -294,20 +364,78 @@ def _dimm(t: dict, i: int) -> DimmConfig:
     return d
 
 
+def _reserve(t: dict, i: int) -> ReserveConfig:
+    where = f"reserve[{i}]."
+    _check_keys(t, _RESERVE_KEYS, where)
+    if "range" not in t:
+        raise ConfigError(f"{where}range: every [[reserve]] needs a range, e.g. range = \"0x40200000-0x42000000\"")
+    start, end = parse_range(t["range"], where + "range")
+    kind = str(t.get("kind", "reserved"))
+    if kind not in RESERVE_KINDS:
+        raise ConfigError(f"{where}kind: one of {', '.join(RESERVE_KINDS)}")
+    return ReserveConfig(start, end, kind)
+
+
+def boot_end(cfg: MachineConfig) -> int:
+    """memblock_end_of_DRAM(): the end of the highest boot memory (RAM or nomap)."""
+    return max((e for n in cfg.nodes for _, e in n.ram + n.nomap), default=0)
+
+
+def qemu_device_memory_base(cfg: MachineConfig, block_size: int) -> int:
+    """Where QEMU puts the device-memory region (DIMMs, virtio-mem) when the description does not.
+
+    hw/i386/pc.c pc_memory_init() (QEMU 7.2): ROUND_UP(4 GiB + above_4g_mem_size, 1 GiB), i.e.
+    after the end of boot RAM above 4 GiB; hw/arm/virt.c virt_set_memmap():
+    ROUND_UP(RAM base + ram_size, 1 GiB). Then up to the block size, since the kernel adds
+    memory in whole blocks only (a 2 GiB block on a machine whose RAM ends on an odd GiB).
+    """
+    end = boot_end(cfg)
+    if cfg.arch == "x86_64":
+        end = max(end, 4 * GiB)
+    base = -(-end // GiB) * GiB
+    return -(-base // block_size) * block_size
+
+
 def probe_memory_block_size(cfg: MachineConfig) -> int:
     """arch/x86/mm/init_64.c probe_memory_block_size(); other arches: the section size."""
     arch = cfg.arch_profile
     if cfg.arch != "x86_64":
         return arch.section_size
-    boot_end = max((end for n in cfg.nodes for _, end in n.ram), default=0)
-    if boot_end < 64 * GiB:
+    end = max((e for n in cfg.nodes for _, e in n.ram), default=0)  # max_pfn: e820 RAM only
+    if end < 64 * GiB:
         return 128 * MiB
     if not cfg.hypervisor:
         return 2 * GiB
     bz = 2 * GiB
-    while bz > 128 * MiB and boot_end & (bz - 1):
+    while bz > 128 * MiB and end & (bz - 1):
         bz >>= 1
     return bz
+
+
+def _resolve_cpus_and_distances(cfg: MachineConfig) -> None:
+    """`cpus = true` gives a node one CPU, numbered after the listed ones in node-id order."""
+    owner: dict[int, int] = {}
+    for n in cfg.nodes:
+        for c in n.cpu_ids:
+            if c in owner:
+                raise ConfigError(f"node[{n.id}].cpus: CPU {c} is on node {owner[c]} already")
+            owner[c] = n.id
+    nxt = max(owner, default=-1) + 1
+    for n in sorted(cfg.nodes, key=lambda n: n.id):
+        if n.cpus and not n.cpu_ids:
+            n.cpu_ids = [nxt]
+            nxt += 1
+    ids = sorted(n.id for n in cfg.nodes)
+    for n in cfg.nodes:
+        if not n.distance:
+            continue
+        where = f"node[{n.id}].distance"
+        if len(n.distance) != len(ids):
+            raise ConfigError(f"{where}: one distance per [[node]] ({len(ids)}, in id order), got {len(n.distance)}")
+        for j, d in zip(ids, n.distance):
+            # drivers/acpi/numa/srat.c slit_valid(): 10 to itself, more than 10 to the others
+            if (j == n.id and d != 10) or (j != n.id and not 10 < d < 255):
+                raise ConfigError(f"{where}: {d} to node {j}: the distance to itself is 10, to others 11..254")
 
 
 def resolve_boot_numbers(cfg: MachineConfig) -> None:
@@ -351,10 +479,22 @@ def validate(cfg: MachineConfig) -> None:
             if s % arch.page_size or e % arch.page_size:
                 raise ConfigError(f"node[{n.id}].ram: range {s:#x}-{e:#x} is not page aligned ({arch.page_size:#x})")
             spans.append((s, e, f"node {n.id} ram {s:#x}-{e:#x}"))
+        for s, e in n.nomap:
+            if s % arch.page_size or e % arch.page_size:
+                raise ConfigError(f"node[{n.id}].nomap: range {s:#x}-{e:#x} is not page aligned ({arch.page_size:#x})")
+            spans.append((s, e, f"node {n.id} nomap {s:#x}-{e:#x}"))
         present = sum(e - s for s, e in n.ram)
         if n.reserved + n.used > present:
             raise ConfigError(f"node[{n.id}]: reserved + used ({(n.reserved + n.used) >> 20}M) exceed its boot RAM ({present >> 20}M)")
-    if cfg.hotplug_base % bs or cfg.hotplug_size % bs:
+    _resolve_cpus_and_distances(cfg)
+    if cfg.hotplug_base == "auto":
+        cfg.hotplug_base = qemu_device_memory_base(cfg, bs)
+    if cfg.acpi_memory_hotplug == "auto":
+        # Debian builds CONFIG_ACPI_HOTPLUG_MEMORY on x86_64 only (arm64 6.1, 6.12 and 7.2: unset)
+        cfg.acpi_memory_hotplug = cfg.arch == "x86_64"
+    if cfg.dma_limit is not None and cfg.arch == "x86_64":
+        raise ConfigError("dma_limit: only arm64 sizes ZONE_DMA from the firmware; x86_64's is always 16 MiB")
+    if int(cfg.hotplug_base) % bs or cfg.hotplug_size % bs:
         raise ConfigError(f"hotplug: base and size must be multiples of the block size ({bs:#x})")
     seen: set[str] = set()
     for d in cfg.dimms:
@@ -380,3 +520,21 @@ def validate(cfg: MachineConfig) -> None:
     for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
         if s2 < e1:
             raise ConfigError(f"{w2} overlaps {w1}; move one of them")
+    rams = [(s, e) for n in cfg.nodes for s, e in n.ram]
+    taken: list[tuple[int, int]] = []
+    for i, r in enumerate(cfg.reserves):
+        where = f"reserve[{i}]"
+        if r.start % arch.page_size or r.end % arch.page_size:
+            raise ConfigError(f"{where}.range: {r.start:#x}-{r.end:#x} is not page aligned ({arch.page_size:#x})")
+        if not any(s <= r.start and r.end <= e for s, e in rams):
+            raise ConfigError(f"{where}.range: {r.start:#x}-{r.end:#x} must lie inside one [[node]] ram range")
+        if any(r.start < e and s < r.end for s, e in taken):
+            raise ConfigError(f"{where}.range: {r.start:#x}-{r.end:#x} overlaps another [[reserve]]")
+        taken.append((r.start, r.end))
+    for n in cfg.nodes:
+        fixed = sum(min(r.end, e) - max(r.start, s) for r in cfg.reserves if r.kind != "cma"
+                    for s, e in n.ram if r.start < e and s < r.end)
+        present = sum(e - s for s, e in n.ram)
+        if fixed + n.reserved + n.used > present:
+            raise ConfigError(f"node[{n.id}]: [[reserve]] ranges + reserved + used exceed its boot RAM "
+                              f"({present >> 20}M)")

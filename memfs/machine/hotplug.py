@@ -26,7 +26,7 @@ from .blocks import (
 from .config import MachineConfig, load_config
 from .events import EventLog
 from .lockdep import lockdep_assert_held
-from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, make_zones
+from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, arm64_zone_limits, make_zones
 
 EHWPOISON = 133  # not in Python's errno module on every platform
 #: QEMU's memory hotplug container (\_SB.MHPC, PNP0A06) as drivers/acpi/container.c registers it
@@ -118,6 +118,8 @@ class Machine:
         # /proc/vmstat (6.11+)
         self.nr_memmap_pages = 0
         self.nr_memmap_boot_pages = 0
+        # allocation ids of pages held on the zones' per-cpu lists (_populate_memmap, _fill_pcp)
+        self.pcp_lists: list[int] = []
         self.booted = False
         # NODE_DATA(nid)->mf_stats (mm/memory-failure.c update_per_node_mf_stats(), 2023+):
         # the raw pages memory_failure() handled on each node, by outcome
@@ -145,17 +147,32 @@ class Machine:
         return -(-self.pages_per_section * self.cfg.struct_page_size // self.page_size)
 
     # ------------------------------------------------------------------ boot
+    def low_zones(self) -> tuple[tuple[str, int], ...]:
+        """The zones below ZONE_NORMAL and their ends: fixed on x86_64 (16 MiB, 4 GiB);
+        on arm64 from where boot memory starts and ends and the firmware's DMA limit."""
+        if not self.cfg.arch.startswith("arm64"):
+            return self.arch.low_zones
+        mem = [r for n in self.cfg.nodes for r in n.ram + n.nomap]
+        if not mem:
+            return self.arch.low_zones
+        dma, dma32 = arm64_zone_limits(min(s for s, _ in mem), max(e for _, e in mem), self.cfg.dma_limit,
+                                       self.profile.arm64_zone_dma_limit)
+        return (("DMA", dma), ("DMA32", dma32))
+
     def _boot(self) -> None:
-        arch = self.arch
+        low_zones = self.low_zones()
         for n in self.cfg.nodes:
-            node = Node(n.id, make_zones(n.id, arch.low_zones, self.page_shift), cpus=n.cpus)
+            node = Node(n.id, make_zones(n.id, low_zones, self.page_shift), cpus=n.cpus,
+                        cpu_ids=tuple(n.cpu_ids))
             node.online = bool(n.ram) or n.cpus
             self.nodes[n.id] = node
         present_sections: set[int] = set()
+        shift = self.page_shift
         for n in self.cfg.nodes:
             node = self.nodes[n.id]
-            for start, end in n.ram:
-                self._boot_range(node, start >> self.page_shift, end >> self.page_shift, present_sections)
+            # memblock.memory: System RAM and the firmware's nomap regions alike
+            for start, end in sorted(n.ram + n.nomap):
+                self._boot_range(node, start >> shift, end >> shift, present_sections)
         for zone in self._all_zones():
             zone.members.sort()
         for blk in self.blocks.values():
@@ -164,7 +181,18 @@ class Machine:
                 (zidx,) = parts
                 blk.zone = self.nodes[blk.nid].zones[zidx]
         self.nr_memmap_boot_pages = len(present_sections) * self.section_memmap_pages()
+        self.boot_sections = present_sections  # present_section_nr(): sections memblock has memory in
         self.boot_normal_nodes = {n.id for n in self.nodes.values() if n.has_normal_memory()}
+        for n in self.cfg.nodes:
+            for start, end in n.nomap:  # present, never managed, not System RAM
+                self._reserve_range(start >> shift, end >> shift, nomap=True)
+        for r in self.cfg.reserves:
+            if r.kind == "cma":
+                self._cma_range(r.start >> shift, r.end >> shift)
+            elif r.kind == "used":
+                continue  # allocated below, once zones know what they manage
+            else:  # memblock_reserve(): the kernel image, initrd, firmware tables
+                self._reserve_range(r.start >> shift, r.end >> shift)
         if self.cfg.arch == "x86_64":  # x86 keeps the first 1 MiB reserved (since 5.13)
             low_end = (1 << 20) >> self.page_shift
             for n in self.cfg.nodes:
@@ -177,6 +205,10 @@ class Machine:
         # Boot blocks' `add` events went out before any listener existed (userspace
         # replays them by coldplug): they use up SEQNUMs but are not kept.
         self.events.seqnum += len(self.blocks)
+        for r in self.cfg.reserves:
+            if r.kind == "used":  # the kernel's own pages at a known place: unmovable
+                for blk, _, n in list(self._overlaps(r.start >> shift, r.end >> shift)):
+                    self.allocator.allocate(_alloc.UNMOVABLE, n, blk.nid, label="kernel", order=[blk])
         for n in self.cfg.nodes:
             pages = n.used >> self.page_shift
             if pages:
@@ -228,6 +260,33 @@ class Machine:
                     members.append(bid)
                 links[bid] = None
             pfn = seg_end
+
+    def _overlaps(self, spfn: int, epfn: int) -> Iterable[tuple[MemoryBlock, int, int]]:
+        """(block, zone idx, pages) of boot memory in [spfn, epfn), per zone part of each block."""
+        ppb = self.pages_per_block
+        for bid in range(spfn // ppb, (epfn - 1) // ppb + 1):
+            blk = self.blocks.get(bid)
+            if blk is None:
+                continue
+            for zidx, (lo, hi, _) in blk.boot_zone_pages.items():
+                n = min(hi, epfn) - max(lo, spfn)
+                if n > 0:
+                    yield blk, zidx, n
+
+    def _reserve_range(self, spfn: int, epfn: int, nomap: bool = False) -> None:
+        """memblock reservations at a fixed place (present, not managed, PageReserved)."""
+        for blk, zidx, n in list(self._overlaps(spfn, epfn)):
+            blk.boot_reserved[zidx] = blk.boot_reserved.get(zidx, 0) + n
+            blk.reserved += n
+            if nomap:
+                blk.nomap += n
+            self.nodes[blk.nid].zones[zidx].reserved_boot += n
+
+    def _cma_range(self, spfn: int, epfn: int) -> None:
+        """The CMA area (mm/cma.c): managed pages, counted in the zone's `cma`."""
+        for blk, zidx, n in list(self._overlaps(spfn, epfn)):
+            blk.cma += n
+            self.nodes[blk.nid].zones[zidx].cma += n
 
     def _reserve(self, node: Node, pages: int, low: bool) -> None:
         """memblock reservations: `low` takes pages from pfn 0 up, else from the top down."""
@@ -374,13 +433,58 @@ class Machine:
             return self.auto_movable_zone_for_pfn(nid, group, start_pfn, nr_pages)
         return self.default_zone_for_pfn(nid, start_pfn, nr_pages)
 
+    def page_zone(self, mem: MemoryBlock, pfn: int) -> Zone:
+        """page_zone() of a boot block's page, holes included: mm/page_alloc.c memmap_init()
+        gives a hole's struct pages the zone of the range after it, and the hole from the
+        end of RAM to the end of its section the node's highest populated zone."""
+        zones = self.nodes[mem.nid].zones
+        after = None
+        for zidx, (lo, hi, _) in mem.boot_zone_pages.items():
+            if lo <= pfn < hi:
+                return zones[zidx]
+            if lo > pfn and (after is None or lo < after[0]):
+                after = (lo, zidx)
+        if after is not None:
+            return zones[after[1]]
+        return max((z for z in zones if z.present), key=lambda z: z.idx)
+
+    def test_pages_in_a_zone(self, mem: MemoryBlock) -> Zone | None:
+        """mm/memory_hotplug.c test_pages_in_a_zone() (5.12-5.17): one page per
+        MAX_ORDER_NR_PAGES of each present section; NULL once a page lies outside the
+        zone's span or in another zone. So a block whose RAM ends inside it (the last
+        block of a real 16 GiB laptop) gets "none" in valid_zones on these kernels."""
+        lockdep_assert_held(self.lock)
+        # MAX_ORDER_NR_PAGES: 1024 with 4K pages (MAX_ORDER 11); arm64 16K/64K: a pageblock
+        step = 1024 if self.page_size == 4096 else self.arch.pageblock_pages
+        zone: Zone | None = None
+        pps = self.pages_per_section
+        for sec in range(mem.start_pfn // pps, mem.end_pfn // pps):
+            if sec not in self.boot_sections:
+                continue
+            for pfn in range(sec * pps, (sec + 1) * pps, step):
+                if zone is not None and not zone.start_pfn <= pfn < zone.end_pfn:
+                    return None
+                z = self.page_zone(mem, pfn)
+                if zone is not None and z is not zone:
+                    return None
+                zone = z
+        return zone
+
     def valid_zones(self, mem: MemoryBlock) -> str:
-        """valid_zones_show(), without the trailing newline."""
+        """valid_zones_show(), without the trailing newline.
+
+        An online block shows its zone: from 5.18 the one stored per memory block
+        (drivers/base/memory.c, 395f6081bad4 "determine and store zone for single-zone
+        memory blocks": NULL only when the block spans zones); before, the zone that
+        test_pages_in_a_zone() finds by scanning the block's pages."""
         lockdep_assert_held(self.lock)
         if mem.state == MEM_ONLINE:
-            if mem.zone is None:
+            zone = mem.zone
+            if not self.profile.cached_zone and mem.boot_zone_pages:
+                zone = self.test_pages_in_a_zone(mem)
+            if zone is None:
                 return "none"
-            return mem.zone.name
+            return zone.name
         default = self.zone_for_pfn_range(MMOP_ONLINE, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
         names = [default.name]
         for t in (MMOP_ONLINE_KERNEL, MMOP_ONLINE_MOVABLE):
@@ -428,6 +532,7 @@ class Machine:
         if self.profile.hwpoison_online and mem.hwpoison:
             raise OSError(EHWPOISON, f"{mem.name} has hwpoisoned pages")
         zone = self.zone_for_pfn_range(mem.online_type, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
+        newly_populated = not zone.populated()
         v = mem.nr_vmemmap_pages
         zone.resize_range(mem.start_pfn, mem.nr_pages)  # move_pfn_range_to_zone()
         self._adjust_present(mem, zone, mem.present_pages)
@@ -437,23 +542,43 @@ class Machine:
         mem.zone = zone
         mem.boot_zone_pages = {}
         zone.add_member(mem.id)
+        if newly_populated:  # online_pages(): the zone's per-cpu lists fill
+            self._fill_pcp(zone)
 
     def memory_block_offline(self, mem: MemoryBlock) -> None:
+        """memory_block_offline() + offline_pages(), the checks in the kernel's order.
+
+        5.18+ (cached_zone): a block without a zone (it spans several) fails first, in
+        memory_block_offline(). offline_pages() then refuses a block with holes (fewer
+        "System RAM" pages than it spans: "memory holes"), one in several zones
+        ("multizone range"; before 5.18 test_pages_in_a_zone() found that here), isolates
+        the range (PageReserved, unmovable and CMA pages: EBUSY "failure to isolate
+        range"), asks the memory notifiers (arm64's prevent_bootmem_remove_notifier()
+        answers NOTIFY_BAD for boot memory: EPERM "notifier failure"), then migrates.
+        """
         lockdep_assert_held(self.lock)
         zone = mem.zone
-        if zone is None:
+        if zone is None and self.profile.cached_zone:
             raise OSError(errno.EINVAL, f"{mem.name} spans multiple zones")
         if mem.has_holes:
-            raise OSError(errno.EINVAL, f"{mem.name} has memory holes")
+            raise OSError(errno.EINVAL, f"{mem.name}: failed due to memory holes")
+        if zone is None:
+            raise OSError(errno.EINVAL, f"{mem.name}: failed due to multizone range")
+        # free pages sitting on the per-cpu lists are drained before isolation, not refused
+        on_pcp = sum(mem.allocs.get(aid, 0) for aid in self.pcp_lists)
+        if mem.reserved or mem.unmovable > on_pcp or mem.cma:
+            raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failed due to failure to isolate range")
         if mem.boot and self.cfg.arch.startswith("arm64"):
-            # arm64's memory notifier vetoes offlining boot memory: NOTIFY_BAD -> EPERM
-            raise OSError(errno.EPERM, f"{mem.name} is boot memory (arm64 refuses to offline it)")
-        if mem.reserved or mem.unmovable:
-            raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failure to isolate range")
+            raise OSError(errno.EPERM, f"Boot memory [{mem.start_pfn << self.page_shift:x} "
+                                       f"{mem.end_pfn << self.page_shift:x}] offlining attempted: notifier failure")
         if self.cfg.offline_latency_ms:  # let `state` show going-offline, `online` readers wait
             time.sleep(self.cfg.offline_latency_ms / 1000)
         if not self.allocator.migrate_out(mem):
             raise OSError(errno.EBUSY, f"{mem.name}: no room to migrate {mem.movable} movable pages")
+        # The kernel drains the zone's per-cpu lists at every offline attempt; the model does
+        # it once the offline cannot fail any more, so that a refused write changes nothing
+        # (a failed attempt's drain is refilled by the next allocations anyway).
+        self._drain_pcp(zone)
         v = mem.nr_vmemmap_pages
         start, end = mem.extent_in(zone) or (mem.start_pfn, mem.end_pfn)
         self._adjust_present(mem, zone, -mem.present_pages)
@@ -577,7 +702,8 @@ class Machine:
 
     def _find_free_range(self, size: int) -> int:
         """QEMU's first fit in the device-memory window."""
-        base, end = self.cfg.hotplug_base, self.cfg.hotplug_base + self.cfg.hotplug_size
+        base = int(self.cfg.hotplug_base)
+        end = base + self.cfg.hotplug_size
         addr = base
         for s, e in sorted((d.start, d.start + d.size) for d in self.devices.values()):
             if e <= addr:
@@ -614,9 +740,9 @@ class Machine:
         lockdep_assert_held(self.lock)
         start = dev.start if start is None else start
         size = dev.size if size is None else size
-        if start == dev.start and size == dev.size:
+        if self.devices.get(dev.id) is not dev:
             self._check_range(start, size, dev.nid)
-        else:  # part of a registered device's region: only present memory can be in the way
+        else:  # part of a registered device's region (virtio-mem): only present memory can be in the way
             first = start // self.block_size
             if any(b in self.blocks for b in range(first, first + size // self.block_size)):
                 raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")
@@ -632,11 +758,11 @@ class Machine:
             else:
                 use_altmap = True
         memmap_pages = nblocks * self.sections_per_block * self.section_memmap_pages()
-        alloc_id: int | None = None
+        alloc_ids: list[int] = []
         if not use_altmap:  # the memmap comes from RAM, the new node's first
-            a = self.allocator.allocate(_alloc.UNMOVABLE, memmap_pages, dev.nid, label=f"memmap:{dev.id}")
-            dev.memmap_allocs.append(a.id)
-            alloc_id = a.id
+            ids = self._populate_memmap(memmap_pages, dev.nid, f"memmap:{dev.id}")
+            dev.memmap_allocs += ids
+            alloc_ids = ids
         dev.memmap_on_memory = use_altmap
         node = self.nodes[dev.nid]
         node.online = True
@@ -652,8 +778,8 @@ class Machine:
                               group=dev.group, device=dev)
             self.blocks[mem.id] = mem
             dev.block_ids.append(mem.id)
-            if alloc_id is not None and nblocks == 1:
-                dev.block_memmap[mem.id] = alloc_id
+            if alloc_ids and nblocks == 1:
+                dev.block_memmap[mem.id] = list(alloc_ids)
             new.append(mem)
             self.events.emit("add", mem.devpath)
         if dev.block_ids[0] != first:  # a block within a region: keep the device's blocks in order
@@ -714,6 +840,8 @@ class Machine:
                     raise OSError(errno.ENOSPC, f"all {len(self.slots)} DIMM slots are populated")
             start = addr if addr is not None else self._find_free_range(size)
             dev = HotplugDevice(dev_id, driver, start, size, node, slot=slot)
+            if driver == "acpi" and not self.cfg.acpi_memory_hotplug:
+                return self._acpi_dimm_without_driver(dev)
             pages = size >> self.page_shift
             if driver == "acpi":
                 dev.group = self._new_group(node, False, pages)
@@ -896,6 +1024,21 @@ class Machine:
             except OSError:
                 pass  # the work item's errors go to its retry timer, not to whoever onlined
 
+    def _acpi_dimm_without_driver(self, dev: HotplugDevice) -> HotplugDevice:
+        """A DIMM on a kernel without CONFIG_ACPI_HOTPLUG_MEMORY (Debian's arm64 kernels).
+
+        QEMU takes it (its slot shows status 15) and the ACPI core scans the new PNP0C80
+        device and reports _OST success, but no driver binds it: no memory block, no
+        memory. The arm64 reference trace shows exactly this for cold- and hot-plugged
+        DIMMs; QMP device_del still ejects it (acpi_eject(), no blocks to offline)."""
+        self._check_range(dev.start, dev.size, dev.nid)
+        self.devices[dev.id] = dev
+        assert dev.slot is not None
+        self.slots[dev.slot] = dev
+        self.ost_log.append(AcpiOstReport(dev.id, 1, 0))
+        self._changed()
+        return dev
+
     @journaled
     def probe_store(self, addr: int) -> None:
         """memory/probe: one block at `addr`, never with memmap_on_memory."""
@@ -909,6 +1052,97 @@ class Machine:
         # x86 asks the SRAT; we take the node whose boot RAM starts highest below addr
         below = [(s, n.id) for n in self.cfg.nodes for s, _ in n.ram if s <= addr]
         return max(below)[1] if below else self.cfg.nodes[0].id
+
+    # ------------------------------------------------------------------ memmap from RAM
+    # x86-64 and arm64 map a hot-added section's memmap with one PMD-sized page, allocated
+    # from the buddy allocator (vmemmap_populate_hugepages -> vmemmap_alloc_block, order 9:
+    # 2 MiB for 128 MiB of 4 KiB pages). Since 5.13 pages of that order are kept on the
+    # per-cpu lists (mm/page_alloc.c pcp_allowed_order), which NR_FREE_PAGES, and so MemFree,
+    # does not count: an order-9 allocation refills the empty list with a batch of two
+    # (nr_pcp_alloc: max(batch >> order, 2)) and keeps the second there; a freed memmap page
+    # goes back onto the list of its zone, where the next memmap allocation finds it; the
+    # list is drained when a block of that zone goes offline (offline_pages ->
+    # zone_pcp_disable). The traces show exactly that: a first runtime add without
+    # memmap_on_memory costs 4 MiB, removing it gives nothing back, adding the same range
+    # again costs nothing, and offlining a Normal block afterwards frees 2 MiB.
+    def _pcp_pageblock_pages(self) -> int:
+        """Pages of one memmap page that the per-cpu lists cache (0: not modelled here)."""
+        chunk = self.arch.pmd_size >> self.page_shift
+        if self.profile.pcp_pageblock_order and self.section_memmap_pages() == chunk == self.arch.pageblock_pages:
+            return chunk
+        return 0
+
+    def _alloc_zone(self, aid: int) -> Zone:
+        """The zone of an allocation's first page."""
+        a = self.allocator.allocs[aid]
+        if a.zone_pieces:
+            (bid, zidx), _ = min(a.zone_pieces.items())
+            return self.nodes[self.blocks[bid].nid].zones[zidx]
+        blk = self.blocks[min(a.pieces)]
+        assert blk.zone is not None
+        return blk.zone
+
+    def _populate_memmap(self, pages: int, nid: int, label: str) -> list[int]:
+        """The memmap of an added range, from RAM: allocation ids (ENOMEM: nothing taken)."""
+        chunk = self._pcp_pageblock_pages()
+        if not chunk:
+            return [self.allocator.allocate(_alloc.UNMOVABLE, pages, nid, label=label).id]
+        taken: list[int] = []
+        reused: list[int] = []
+        try:
+            for _ in range(pages // chunk):
+                first = next(self.allocator.candidates(_alloc.UNMOVABLE, nid), None)
+                zone = first[1] if first is not None else None
+                cached = [aid for aid in self.pcp_lists if self._alloc_zone(aid) is zone
+                          and self.allocator.allocs[aid].pages == chunk]
+                if cached:  # the preferred zone's per-cpu list has one
+                    aid = cached[-1]
+                    self.pcp_lists.remove(aid)
+                    self.allocator.allocs[aid].label = label
+                    reused.append(aid)
+                    taken.append(aid)
+                    continue
+                taken.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=label).id)
+                try:  # the batch's second page stays on the list, if there is one to take
+                    self.pcp_lists.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=_alloc.PCP).id)
+                except OSError:
+                    pass
+        except OSError:
+            for aid in taken:
+                if aid in reused:
+                    self.allocator.allocs[aid].label = _alloc.PCP
+                    self.pcp_lists.append(aid)
+                else:
+                    self.allocator.free(aid)
+            raise
+        return taken
+
+    def _free_memmap(self, aid: int) -> None:
+        """vmemmap_free(): a memmap page goes back to its zone's per-cpu list."""
+        if self._pcp_pageblock_pages() and self.allocator.allocs[aid].pages == self._pcp_pageblock_pages():
+            self.allocator.allocs[aid].label = _alloc.PCP
+            self.pcp_lists.append(aid)
+        else:
+            self.allocator.free(aid)
+
+    def _fill_pcp(self, zone: Zone) -> None:
+        """A newly populated zone's per-cpu lists fill with its first allocations
+        (rmqueue_bulk refills an empty list with a batch, up to pcp->high): free pages that
+        leave NR_FREE_PAGES until an offline drains them. How many is emergent (what the
+        kernel allocates right then); the profile holds the traces' median."""
+        zone.pcp = min(self.profile.pcp_fill_pages, zone.free)
+
+    def pcp_count(self, zone: Zone) -> int:
+        """Pages on the zone's per-cpu lists (zoneinfo's pagesets count)."""
+        return min(zone.pcp, zone.free) + sum(self.allocator.allocs[a].pages for a in self.pcp_lists
+                                               if self._alloc_zone(a) is zone)
+
+    def _drain_pcp(self, zone: Zone) -> None:
+        """zone_pcp_disable() at offline: the zone's per-cpu pages go back to the buddy allocator."""
+        zone.pcp = 0
+        for aid in [a for a in self.pcp_lists if self._alloc_zone(a) is zone]:
+            self.pcp_lists.remove(aid)
+            self.allocator.free(aid)
 
     # ------------------------------------------------------------------ remove
     def remove_memory(self, dev: HotplugDevice) -> None:
@@ -944,15 +1178,14 @@ class Machine:
             mem.removed = True
             del self.blocks[mem.id]
             self.events.emit("remove", mem.devpath)
-            aid = dev.block_memmap.pop(mem.id, None)
-            if aid is not None:  # added on its own (virtio-mem): its memmap goes with it
-                self.allocator.free(aid)
+            for aid in dev.block_memmap.pop(mem.id, []):  # added on its own (virtio-mem)
+                self._free_memmap(aid)
                 dev.memmap_allocs.remove(aid)
         gone = {mem.id for mem in blocks}
         dev.block_ids = [b for b in dev.block_ids if b not in gone]
         if not dev.block_ids:
             for aid in dev.memmap_allocs:
-                self.allocator.free(aid)
+                self._free_memmap(aid)
             dev.memmap_allocs.clear()
         self.nr_memmap_pages -= len(blocks) * self.sections_per_block * self.section_memmap_pages()
         if not node.blocks and not node.cpus and not node.has_memory():
@@ -1100,6 +1333,16 @@ class Machine:
             self._changed()
 
     # ------------------------------------------------------------------ accounting views
+    def node_distance(self, a: int, b: int) -> int:
+        """__node_distance(): the description's SLIT row, else LOCAL_DISTANCE/REMOTE_DISTANCE."""
+        row = next(n.distance for n in self.cfg.nodes if n.id == a)
+        if row:
+            return row[sorted(self.nodes).index(b)]
+        return 10 if a == b else 20
+
+    def nr_cpu_ids(self) -> int:
+        return max((c for n in self.nodes.values() for c in n.cpu_ids), default=0) + 1
+
     def normal_memory_nodes(self) -> list[int]:
         """N_NORMAL_MEMORY: up to 6.16 hotplug keeps it in step with the kernel zones."""
         if self.profile.toggles_normal_memory:
@@ -1111,6 +1354,6 @@ class Machine:
         nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
         kb = self.page_size // 1024
         total = sum(n.managed for n in nodes) * kb
-        free = sum(n.managed - n.used for n in nodes) * kb
+        free = sum(n.nr_free_pages for n in nodes) * kb
         return {"MemTotal": total, "MemFree": free, "MemUsed": total - free,
                 "HardwareCorrupted": len(self.poisoned) * kb}

@@ -43,6 +43,12 @@ class KernelProfile:
     # 5.13 (mm/page_alloc.c pcp_allowed_order): order-9 (pageblock) pages are kept on the
     # per-cpu lists, which NR_FREE_PAGES (MemFree) does not count
     pcp_pageblock_order: bool = True
+    # pages a newly populated zone's per-cpu lists take at once (measured, docs/conformance.md)
+    pcp_fill_pages: int = 112
+    # 6.12: arm64 sizes ZONE_DMA from zone_dma_limit (an address) instead of zone_dma_bits
+    # ("dma-mapping: replace zone_dma_bits by zone_dma_limit", with "arm64: mm: fix DMA zone
+    # when dma-ranges is missing" of 6.12.y); before, max_zone_phys() took a bit count
+    arm64_zone_dma_limit: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,8 @@ def _p(name: str, **kw: object) -> KernelProfile:
 
 PROFILES: dict[str, KernelProfile] = {
     "5.12": _p("5.12", memmap_on_memory=False, online_policy=False, cached_zone=False,
-               hwpoison_online=False, mf_stats=False, acpi_container_online=False,
-               virtio_mem_movable_first=False),
+               hwpoison_online=False, pcp_pageblock_order=False, mf_stats=False,
+               acpi_container_online=False, virtio_mem_movable_first=False),
     "5.13": _p("5.13", online_policy=False, cached_zone=False, hwpoison_online=False, mf_stats=False,
                acpi_container_online=False, virtio_mem_movable_first=False),
     "5.15": _p("5.15", cached_zone=False, hwpoison_online=False, mf_stats=False, acpi_container_online=False,
@@ -93,13 +99,13 @@ PROFILES: dict[str, KernelProfile] = {
     "6.8": _p("6.8", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,
               memmap_split_per_block=True, dax_kmem_memmap=True),
     "6.12": _p("6.12", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,
-               memmap_split_per_block=True, dax_kmem_memmap=True, vmstat_memmap=True),
+               memmap_split_per_block=True, dax_kmem_memmap=True, vmstat_memmap=True, arm64_zone_dma_limit=True),
     "6.19": _p("6.19", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,
                memmap_split_per_block=True, dax_kmem_memmap=True, vmstat_memmap=True,
-               toggles_normal_memory=False),
+               toggles_normal_memory=False, arm64_zone_dma_limit=True),
     "7.2": _p("7.2", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,
               memmap_split_per_block=True, dax_kmem_memmap=True, vmstat_memmap=True,
-              toggles_normal_memory=False),
+              toggles_normal_memory=False, arm64_zone_dma_limit=True),
 }
 DEFAULT_KERNEL = "6.1"
 
@@ -151,7 +157,8 @@ class ArchProfile:
     pmd_size: int
     pageblock_pages: int
     section_size: int
-    # (zone name, exclusive upper limit in bytes) for the zones below ZONE_NORMAL
+    # (zone name, exclusive upper limit in bytes) for the zones below ZONE_NORMAL; arm64's
+    # limits depend on the machine and are computed at boot (zones.arm64_zone_limits())
     low_zones: tuple[tuple[str, int], ...]
 
     @property
@@ -162,8 +169,8 @@ class ArchProfile:
 ARCHES: dict[str, ArchProfile] = {
     "x86_64": ArchProfile("x86_64", 4096, 2 * MiB, 512, 128 * MiB,
                           (("DMA", 16 * MiB), ("DMA32", 4 * GiB))),
-    "arm64-4k": ArchProfile("arm64-4k", 4096, 2 * MiB, 512, 128 * MiB, (("DMA", 4 * GiB),)),
-    "arm64-16k": ArchProfile("arm64-16k", 16384, 32 * MiB, 2048, 128 * MiB, (("DMA", 4 * GiB),)),
-    "arm64-64k": ArchProfile("arm64-64k", 65536, 512 * MiB, 8192, 512 * MiB, (("DMA", 4 * GiB),)),
+    "arm64-4k": ArchProfile("arm64-4k", 4096, 2 * MiB, 512, 128 * MiB, (("DMA", 4 * GiB), ("DMA32", 4 * GiB))),
+    "arm64-16k": ArchProfile("arm64-16k", 16384, 32 * MiB, 2048, 128 * MiB, (("DMA", 4 * GiB), ("DMA32", 4 * GiB))),
+    "arm64-64k": ArchProfile("arm64-64k", 65536, 512 * MiB, 8192, 512 * MiB, (("DMA", 4 * GiB), ("DMA32", 4 * GiB))),
 }
 DEFAULT_ARCH = "x86_64"

@@ -24,6 +24,9 @@ class Zone:
     vmemmap: int = 0  # memmap_on_memory pages: present, not managed
     reserved_boot: int = 0  # memblock reservations at boot: present, never managed
     cma: int = 0
+    # free pages held on the zone's per-cpu lists, which NR_FREE_PAGES (MemFree) does not
+    # count: the lists fill when the zone is first populated, an offline drains them
+    pcp: int = 0
     # ids of online blocks with pages in this zone, sorted: O(log n) span shrinking
     members: list[int] = field(default_factory=list)
 
@@ -41,7 +44,13 @@ class Zone:
 
     @property
     def free(self) -> int:
+        """Pages not in use (the per-cpu lists' ones included): what allocations may take."""
         return self.managed - self.used
+
+    @property
+    def nr_free_pages(self) -> int:
+        """NR_FREE_PAGES: free pages in the buddy allocator (zoneinfo, vmstat, MemFree)."""
+        return self.free - min(self.pcp, self.free)
 
     def populated(self) -> bool:
         return self.present > 0
@@ -79,6 +88,7 @@ class Node:
     id: int
     zones: list[Zone]
     cpus: bool = True
+    cpu_ids: tuple[int, ...] = ()  # nodeN/cpulist
     online: bool = False
     # memory block ids linked to this node (sysfs nodeN/memoryM), insertion-ordered set
     blocks: dict[int, None] = field(default_factory=dict)
@@ -100,6 +110,10 @@ class Node:
     @property
     def used(self) -> int:
         return sum(z.used for z in self.zones)
+
+    @property
+    def nr_free_pages(self) -> int:
+        return sum(z.nr_free_pages for z in self.zones)
 
     def has_memory(self) -> bool:
         """N_MEMORY."""
@@ -123,3 +137,40 @@ def make_zones(nid: int, low_zones: tuple[tuple[str, int], ...], page_shift: int
     for name in (ZONE_NORMAL, ZONE_MOVABLE, ZONE_DEVICE):
         zones.append(Zone(nid, len(zones), name))
     return zones
+
+
+U32_MAX = (1 << 32) - 1
+PHYS_ADDR_MAX = (1 << 64) - 1
+
+
+def arm64_zone_limits(dram_start: int, dram_end: int, fw_limit: int | None, zone_dma_limit: bool) -> tuple[int, int]:
+    """Ends (exclusive, bytes) of ZONE_DMA and ZONE_DMA32 on arm64: arch/arm64/mm/init.c
+    zone_sizes_init() and max_zone_phys().
+
+    `fw_limit` is the firmware's DMA limit, end exclusive (None: no dma-ranges/IORT limit, the
+    kernel sees PHYS_ADDR_MAX). 5.11-6.11 (`zone_dma_limit` False) turn it into
+    zone_dma_bits = min(32, fls64(max cpu address)), and max_zone_phys(bits) widens the
+    zone to all of RAM when RAM starts above 4 GiB, and to 4 GiB when it starts above the
+    bits' reach (791ab8b2e3db, "Ignore any DMA offsets in the max_zone_phys() calculation").
+    6.12+ take the limit as an address and only cap it at 4 GiB when RAM starts below.
+    Zones stack (free_area_init() takes max(limit, start of the zone)), so a DMA32 limit
+    at or below ZONE_DMA's end leaves ZONE_DMA32 empty.
+    """
+    last = dram_end - 1
+    fw_max = PHYS_ADDR_MAX if fw_limit is None else fw_limit - 1
+    if zone_dma_limit:
+        zl = min(fw_max, U32_MAX) if dram_start < U32_MAX else fw_max
+        dma = min(zl, last) + 1
+        dma32 = min(U32_MAX, last) + 1
+    else:
+        def max_zone_phys(bits: int) -> int:
+            mask = (1 << bits) - 1
+            if dram_start > U32_MAX:
+                mask = PHYS_ADDR_MAX
+            elif dram_start > mask:
+                mask = U32_MAX
+            return min(mask, last) + 1
+
+        dma = max_zone_phys(min(32, fw_max.bit_length()))
+        dma32 = max_zone_phys(32)
+    return dma, dma32

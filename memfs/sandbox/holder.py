@@ -27,6 +27,7 @@ OVERLAYS: tuple[tuple[str, str, bool], ...] = (
     ("sys/devices/system/memory", "/sys/devices/system/memory", True),
     ("sys/devices/system/node", "/sys/devices/system/node", True),
     ("sys/bus/memory", "/sys/bus/memory", True),
+    ("sys/bus/node", "/sys/bus/node", False),                           # nodeN/subsystem's target
     ("sys/module/memory_hotplug", "/sys/module/memory_hotplug", False),  # if the machine has it
     ("sys/devices/LNXSYSTM:00", "/sys/devices/LNXSYSTM:00", False),     # ACPI memory devices
     ("sys/bus/acpi", "/sys/bus/acpi", False),                           # (firmware_node links)

@@ -20,6 +20,8 @@ def slot_dir(m: Machine, slot: int) -> DynDir:
         d = dev()
         if d is None:
             raise OSError(errno.ENODEV, "slot is empty")
+        if not m.cfg.acpi_memory_hotplug:  # no handler, no driver bound: acpi_eject_store() -ENODEV
+            raise OSError(errno.ENODEV, "no driver handles this memory device")
         try:
             m.acpi_eject(d.id, source=0x103)
         except OSError:

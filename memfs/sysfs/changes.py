@@ -59,7 +59,8 @@ def watch_machine(m: Machine, report: Callable[[Change], object]) -> None:
         flipped = now ^ online
         online.clear()
         online.update(now)
-        report(Change(entries=[f"/sys/devices/system/node/node{nid}" for nid in sorted(flipped)],
+        report(Change(entries=[p for nid in sorted(flipped) for p in (f"/sys/devices/system/node/node{nid}",
+                                                                      f"/sys/bus/node/devices/node{nid}")],
                       everything=True))
 
     m.events.subscribe(on_event)

@@ -5,7 +5,7 @@ from ..machine.hotplug import Machine
 from .acpi import acpi_trees
 from .kernfs import Dir, Node, Tree, attr_ro, attr_rw
 from .memory import BlockDirs, bus_memory, memory_root
-from .node import node_root
+from .node import bus_node, node_root
 from .params import params_dir
 from .procfs import meminfo, vmstat, zoneinfo
 
@@ -18,7 +18,7 @@ def build_tree(m: Machine) -> Tree:
     if params is not None:
         module["memory_hotplug"] = Dir({"parameters": params, "uevent": attr_rw(lambda: "", lambda b: None)})
     sys = Dir({
-        "bus": Dir({"memory": bus_memory(m), "acpi": acpi_bus}),
+        "bus": Dir({"memory": bus_memory(m), "node": bus_node(m), "acpi": acpi_bus}),
         "devices": Dir({
             "system": Dir({"memory": memory_root(m, blocks), "node": node_root(m)}),
             "LNXSYSTM:00": lnxsystm,

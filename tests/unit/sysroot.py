@@ -31,6 +31,13 @@ class Sysroot:
     def read(self, path: str) -> str:
         return self.tree.resolve(path).show()
 
+    def exists(self, path: str) -> bool:
+        try:
+            self.tree.resolve(path)
+        except OSError:
+            return False
+        return True
+
     def write(self, path: str, data: bytes) -> int | None:
         """errno of the store, None on success."""
         try:

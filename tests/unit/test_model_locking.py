@@ -29,6 +29,7 @@ def helper_calls(m: Machine):
         "auto_movable_zone_for_pfn": lambda: m.auto_movable_zone_for_pfn(0, None, mem.start_pfn, mem.nr_pages),
         "auto_movable_can_online_movable": lambda: m.auto_movable_can_online_movable(0, None, mem.nr_pages),
         "valid_zones": lambda: m.valid_zones(mem),
+        "test_pages_in_a_zone": lambda: m.test_pages_in_a_zone(m.block(1)),
         "memory_block_online": lambda: m.memory_block_online(mem),
         "memory_block_offline": lambda: m.memory_block_offline(mem),
         "memory_subsys_online": lambda: m.memory_subsys_online(mem),

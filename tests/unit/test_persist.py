@@ -27,7 +27,7 @@ CONFIGS = [
     dict(),
     dict(kernel="6.8", overrides={"boot.memhp_default_state": "online_movable"}),
     dict(kernel="5.15", overrides={"boot.online_policy": "auto-movable"}),
-    dict(kernel="6.12", overrides={"arch": "arm64-4k", "boot.memmap_on_memory": "force", "node": [
+    dict(kernel="6.12", overrides={"arch": "arm64-4k", "acpi_memory_hotplug": True, "boot.memmap_on_memory": "force", "node": [
         {"id": 0, "ram": ["0x40000000-0x80000000"], "reserved": "64M", "used": "32M"},
         {"id": 1, "ram": ["0x80000000-0xc0000000"], "used": "16M"}]}),
 ]
