@@ -778,7 +778,7 @@ class Machine:
         size = dev.size if size is None else size
         if self.devices.get(dev.id) is not dev:  # a new device: its whole range must be free
             self._check_range(start, size, dev.nid)
-        else:  # part of a registered device's region: only present memory can be in the way
+        else:  # part of a registered device's region (virtio-mem): only present memory can be in the way
             first = start // self.block_size
             if any(b in self.blocks for b in range(first, first + size // self.block_size)):
                 raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")

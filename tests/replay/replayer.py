@@ -200,9 +200,9 @@ class Replayer:
         mine = self.machine.events.since(self.seq0)
         self.seq0 = self.machine.events.seqnum
         mine = [e for e in mine if not e.devpath.startswith(self.ignore_devpaths)]
-        kernel = [u for u in dump.uevents if not u["DEVPATH"].startswith(self.ignore_devpaths)]
+        kernel = [u for u in dump.uevents if u.get("SUBSYSTEM") in UEVENT_SUBSYSTEMS
+                  and not u["DEVPATH"].startswith(self.ignore_devpaths)]
         got = [(e.action, e.devpath) for e in mine]
-        kernel = [u for u in kernel if u.get("SUBSYSTEM") in UEVENT_SUBSYSTEMS]
         want = [(u["ACTION"], u["DEVPATH"]) for u in kernel]
         if got != want:
             return [f"uevents: kernel {want}, memfs {got}"]

@@ -11,10 +11,9 @@ refused with EBUSY because the kernel had put its own allocations into a freshly
 onlined Normal block (memory32), the replayer pins an unmovable allocation into that
 block just before the refused write (Replayer.pin_kernel_allocation).
 
-The virtio-mem traces (f_virtio_mem) and the arm64 ones are replayed by their own tests.
-Two 6.12+ behaviours belong to issue 10 section 4 and have their own tests too: the
-ACPI container's `online` uevent after a hot-add (left out of the uevent comparison
-here) and node/nodeN/memory_failure/ (the node comparison covers the memoryN links).
+The virtio-mem traces (f_virtio_mem) and the arm64 ones are replayed by their own tests
+(test_replay_virtio_mem.py). The 6.12+ ACPI container `online` uevent after a hot-add is
+compared here like every other uevent; node/nodeN/memory_failure/ is in the node links.
 """
 from __future__ import annotations
 
@@ -27,12 +26,11 @@ from .traces import Dump, Trace, load_trace
 TRACES = [("6.1", "a_memmap_on"), ("6.1", "b_memmap_off"), ("6.1", "g_memmap_force"),
           ("6.12", "a_memmap_on"), ("6.12", "b_memmap_off"), ("6.12", "g_memmap_force"),
           ("7.2", "a_memmap_on"), ("7.2", "b_memmap_off"), ("7.2", "g_memmap_force")]
-CONTAINER = ("/devices/system/container/",)
 
 
 def replay(trace: Trace, check: bool = True) -> tuple[Replayer, list[str], list[tuple[Dump, int]]]:
     """Run the whole trace; (replayer, differences, [(dump, memfs MemFree in kB)])."""
-    r = Replayer(trace, ignore_devpaths=CONTAINER if trace.kernel != "6.1" else ())
+    r = Replayer(trace)
     problems: list[str] = []
     free: list[tuple[Dump, int]] = []
     for actions, dump in trace.segments():
@@ -63,14 +61,6 @@ def test_trace_replays_exactly(kernel, name):
     assert problems == KNOWN.get((kernel, name), []), "\n".join(problems)
     # the EBUSY offlines (and the failed eject of DIMM1) needed exactly one pinned block
     assert r.pinned == ([] if name == "g_memmap_force" else ["memory32"])
-
-
-def test_container_uevents_are_the_only_uevents_left_out():
-    """The 6.12+ traces differ from memfs's uevents by the container's `online` alone."""
-    trace = load_trace("a_memmap_on", "7.2")
-    left_out = [(u["ACTION"], u["DEVPATH"]) for d in trace.dumps() for u in d.uevents
-                if u["DEVPATH"].startswith(CONTAINER)]
-    assert left_out == [("online", "/devices/system/container/PNP0A06:04")] * 2
 
 
 # MemFree: every delta between two dumps, kernel against memfs. What memfs models (the

@@ -244,3 +244,15 @@ def test_memory_failure_stats_per_node_from_6_6_on():
     with pytest.raises(OSError) as ei:
         build_tree(machine("6.1")).resolve(base)
     assert ei.value.errno == errno.ENOENT
+
+
+def test_one_block_region_resizes_to_zero_and_back():
+    """A region of a single memory block: the block is the whole region, yet still a part
+    the driver adds and removes inside its registered device."""
+    m = machine()
+    dev = m.plug(128 * MiB, driver="virtio_mem", dev_id="v")
+    assert dev.block_ids == [32]
+    m.resize("v", 0)
+    assert dev.block_ids == [] and "v" in m.devices and 32 not in m.blocks
+    m.resize("v", 128 * MiB)
+    assert dev.block_ids == [32]
