@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from memfs.cli import main
-from memfs.describe import DescribeError, describe, profile_for_release
+from memfs.describe import describe, profile_for_release
 from memfs.machine.config import from_dict
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.tree import build_tree
