@@ -231,7 +231,8 @@ def read_dump(root: str | os.PathLike[str]) -> Dump:
                 probe=os.path.lexists(mem / "probe"), params=params,
                 possible_nodes=parse_list(_read(node_dir / "possible")),
                 has_cpu=parse_list(_read(node_dir / "has_cpu")),
-                node_used_kb=used, node_cpulist=cpulist, node_distance=distance, zones=_zoneinfo(_read(root / "proc/zoneinfo")),
+                node_used_kb=used, node_cpulist=cpulist, node_distance=distance,
+                zones=_zoneinfo(_read(root / "proc/zoneinfo")),
                 iomem=_iomem(_read(root / "proc/iomem")), firmware_ram=sorted(firmware),
                 release=text("proc/sys/kernel/osrelease"), arch=text("proc/sys/kernel/arch"),
                 cmdline=text("proc/cmdline"), acpi_slots=len(acpi))
@@ -271,15 +272,15 @@ def _arch(dump: Dump, live: bool, page_size: int | None) -> tuple[str, str | Non
 
 
 def _guess_page_size(dump: Dump) -> int | None:
-    """Pages per block from the dump: the zoneinfo of a node whose memory is all in full blocks."""
-    if not dump.zone_managed:
+    """The page size a dump's zoneinfo implies: its present pages must fit in the online
+    blocks and fill more than a quarter of them (holes are never that large), which only one
+    of 4K, 16K and 64K does."""
+    present = sum(z.get("present", 0) for zones in dump.zones.values() for z in zones)
+    room = sum(1 for b in dump.blocks.values() if b.state == "online") * dump.block_size
+    if not present or not room:
         return None
-    online = sum(1 for b in dump.blocks.values() if b.state == "online")
-    total_managed = sum(dump.zone_managed.values())
-    for ps in (4096, 16384, 65536):  # managed pages can never exceed the online blocks
-        if total_managed * ps <= online * dump.block_size and total_managed * ps * 4 > online * dump.block_size:
-            return ps
-    return None
+    fits = [ps for ps in (4096, 16384, 65536) if present * ps <= room < present * ps * 4]
+    return fits[0] if len(fits) == 1 else None
 
 
 @dataclass
@@ -431,17 +432,13 @@ def _nomap(dump: Dump, per_node: dict[int, list[tuple[int, int]]], devs: list[De
                         cand[-1] = (cand[-1][0], piece[1])
                     else:
                         cand.append(piece)
-        hot_present = sum(bs // page_size for b in dev_blocks
-                          if b in dump.blocks and dump.blocks[b].state == "online" and (dump.blocks[b].nodes or [0])[0] == nid)
+        hot_present = sum(bs // page_size for b in dev_blocks if b in dump.blocks
+                          and dump.blocks[b].state == "online" and (dump.blocks[b].nodes or [0])[0] == nid)
         present = sum(z.get("present", 0) for z in zones)
         ram_pages = sum(e - s for s, e in ram) // page_size
         if cand and ram_pages + sum(e - s for s, e in cand) // page_size + hot_present == present:
             out[nid] = cand
     return out
-
-
-def _fmt_range(s: int, e: int) -> str:
-    return f'"{s:#x}-{e:#x}"'
 
 
 def _fmt_size(n: int) -> str:

@@ -43,7 +43,8 @@ SOURCES = {
                          [("32", "online_movable"), ("33", "online_kernel"), ("34-41", "online_movable"),
                           ("2-4", "offline"), ("42", "online")],
                          [{"op": "plug", "size": "256M"}]),
-    "6.12-memoryless-node": (None, {}, MEMORYLESS_NODE1, [("33", "offline"), ("33", "online_movable"), ("5", "offline")],
+    "6.12-memoryless-node": (None, {}, MEMORYLESS_NODE1,
+                             [("33", "offline"), ("33", "online_movable"), ("5", "offline")],
                              [{"op": "plug", "size": "512M", "node": 1}, {"op": "plug", "size": "128M"}]),
     "5.12-no-parameters": ("5.12", {"boot.memhp_default_state": "online"}, None, [("33", "offline")], []),
 }

@@ -106,7 +106,8 @@ def test_plain_online_takes_the_default_zone():
     ([{"blocks": "1", "state": "up"}], r"^state\[0\]\.state: one of offline, online, online_kernel, online_movable"),
     ([{"blocks": "1"}], r"^state\[0\]: every \[\[state\]\] needs blocks and state"),
     ([{"blocks": "1", "state": "online", "node": 0}], r"^state\[0\]\.node: unknown key"),
-    ([{"blocks": "1", "state": "online", "zone": "HighMem"}], r"^state\[0\]\.zone: one of DMA, DMA32, Normal, Movable$"),
+    ([{"blocks": "1", "state": "online", "zone": "HighMem"}],
+     r"^state\[0\]\.zone: one of DMA, DMA32, Normal, Movable$"),
 ])
 def test_impossible_states_are_refused_naming_the_entry(states, message):
     with pytest.raises(ConfigError, match=message):

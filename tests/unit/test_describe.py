@@ -238,3 +238,26 @@ def test_arm64_firmware_memory_is_described_as_nomap(tmp_path):
     assert (raw["kernel"], raw["arch"]) == ("6.1", "arm64-4k")
     assert raw["node"][0]["ram"] == ["0x40000000-0x7c440000", "0x7c730000-0x7fc00000", "0x7ffe0000-0x80000000"]
     assert raw["node"][0]["nomap"] == ["0x4000000-0x8000000", "0x7c440000-0x7c730000", "0x7fc00000-0x7ffe0000"]
+
+
+def test_arch_option_for_dumps_that_do_not_say(tmp_path):
+    m, release, _ = SCENARIOS["arm64-virt"]()
+    dump_tree(build_tree(m), tmp_path, release=release, iomem=iomem(m))  # no proc/sys/kernel/arch
+    guessed = describe(tmp_path)
+    assert "note: the dump has no proc/sys/kernel/arch: x86_64 assumed; give --arch to choose" in guessed.text
+    assert guessed.differences  # an arm64 machine does not come out as x86_64
+    told = describe(tmp_path, arch="arm64-4k")
+    assert (tomllib.loads(told.text)["arch"], told.differences) == ("arm64-4k", [])
+
+
+def test_a_state_memfs_refuses_is_left_out_and_said(tmp_path):
+    src = tmp_path / "src"
+    dump_tree(build_tree(machine("6.1")), src, release="6.1.0-56-amd64", arch="x86_64")
+    (src / MEM.lstrip("/") / "memory0" / "state").write_text("offline\n")  # memfs cannot offline it
+    (src / MEM.lstrip("/") / "memory0" / "online").write_text("0\n")
+    d = describe(src)
+    assert "note: left out [[state]] blocks = '0', state = 'offline': state[0]: writing offline to " \
+           "memory0/state fails (EINVAL: memory0 spans multiple zones)" in d.text
+    assert d.differences == ["memory0/state: 'offline' here, 'online' in memfs",
+                             "memory0/online: '0' here, '1' in memfs"]
+    Machine(from_dict(tomllib.loads(d.text)))  # the description boots
