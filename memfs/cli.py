@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from . import __version__, control
+from .status import human_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_NOT_MOUNTED = 0, 1, 2, 3, 4
 DRIVERS = ("acpi", "probe", "dax_kmem", "virtio_mem")
@@ -213,8 +214,12 @@ def cmd_status(a: argparse.Namespace) -> int:
 def cmd_plug(a: argparse.Namespace) -> int:
     size = _size(a.size, "--size")
     addr = _size(a.addr, "--addr") if a.addr is not None else None
+    requested = _size(a.requested, "--requested") if a.requested is not None else None
+    if requested is not None and a.driver != "virtio_mem":
+        raise Fail(EXIT_USAGE, "--requested is for --driver virtio_mem (its region is --size); "
+                               "other devices are plugged whole")
     r = _call(a, "plug", size=size, node=a.node, addr=addr, id=a.id, driver=a.driver,
-              memmap_on_memory=a.memmap_on_memory or None)
+              memmap_on_memory=a.memmap_on_memory or None, requested=requested)
     if a.json:
         print(json.dumps({"device": r["device"], "blocks": r["blocks"]}, indent=2))
     else:
@@ -241,6 +246,34 @@ def cmd_unplug(a: argparse.Namespace) -> int:
         print(json.dumps({"id": r["id"], "blocks": r["blocks"]}))
     else:
         print(f"{r['id']}: removed " + " ".join(f"memory{b}" for b in r["blocks"]))
+    return EXIT_OK
+
+
+def _resized(r: dict) -> str:
+    d = r["device"]
+    line = (f"{d['id']}: requested {human_size(d['requested'])}, plugged {human_size(d['plugged'])}: "
+            + (" ".join(f"memory{b['id']} ({b['state']})" for b in r["blocks"]) or "no blocks"))
+    if d["plugged"] < d["requested"]:
+        line += ("\nthe driver adds more once blocks are onlined (it keeps at most 1 GiB it added offline): "
+                 "online them, e.g. echo online_movable > MNT/sys/devices/system/memory/memoryN/state")
+    return line
+
+
+def cmd_resize(a: argparse.Namespace) -> int:
+    size = _size(a.size, "SIZE")
+    try:
+        r = _call(a, "resize", timeout=UNPLUG_TIMEOUT, id=a.id, size=size)
+    except control.ControlError as e:
+        if e.errno == errno.EBUSY:
+            raise Fail(EXIT_BUSY, f"cannot shrink {a.id} to {a.size}: {e.message}. The blocks that are left "
+                                  f"hold unmovable pages or their movable pages have nowhere to go: free them "
+                                  f"(memfs status lists allocations; memfs free MNT ID) and run the resize again") \
+                from None
+        raise
+    if a.json:
+        print(json.dumps({"device": r["device"], "blocks": r["blocks"]}, indent=2))
+    else:
+        print(_resized(r))
     return EXIT_OK
 
 
@@ -272,10 +305,38 @@ def cmd_events(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- describe
+
+def cmd_describe(a: argparse.Namespace) -> int:
+    """Read a machine (read-only) and write its machine description."""
+    sys.dont_write_bytecode = True  # describe writes its output file and nothing else
+    from .describe import DescribeError, describe
+    try:
+        d = describe(a.sysroot, kernel=a.kernel, arch=a.arch)
+    except DescribeError as e:
+        raise Fail(EXIT_USAGE, str(e)) from None
+    except OSError as e:
+        raise Fail(EXIT_ERROR, f"cannot read {a.sysroot}: {e.strerror or e}") from None
+    if a.output in (None, "-"):
+        sys.stdout.write(d.text)
+    else:
+        try:
+            with open(a.output, "w") as f:
+                f.write(d.text)
+        except OSError as e:
+            raise Fail(EXIT_ERROR, f"cannot write {a.output}: {e.strerror or e}") from None
+    for diff in d.differences[:10]:
+        err(f"not reproduced: {diff}")
+    if len(d.differences) > 10:
+        err(f"... and {len(d.differences) - 10} more (listed at the end of the description)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- parser
 
 EPILOG = """exit codes: 0 ok, 1 error, 2 usage or machine-description error,
-3 busy (a block could not be offlined; nothing changed), 4 no memfs is mounted at MNT"""
+3 busy (a block could not be offlined: unplug changed nothing, resize keeps what it
+removed), 4 no memfs is mounted at MNT"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,12 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what adds the memory: an ACPI DIMM (default), a probe write, dax/kmem, virtio-mem")
     sp.add_argument("--memmap-on-memory", action="store_true",
                     help="request memmap_on_memory (dax_kmem only; ACPI DIMMs follow boot.memmap_on_memory)")
+    sp.add_argument("--requested", metavar="SIZE",
+                    help="virtio_mem only: the size plugged now, --size being the region (default: all "
+                         "of it); memfs resize changes it later")
     sp.add_argument("--json", action="store_true", help="print the device and blocks as JSON")
 
     sp = cmd("unplug", cmd_unplug, "hot-remove a device: offline its blocks and remove them "
                                    "(exit 3 if a block cannot be offlined)")
     sp.add_argument("id", metavar="ID", help="device id (see memfs status)")
     sp.add_argument("--json", action="store_true")
+
+    sp = cmd("resize", cmd_resize, "change a virtio-mem device's requested size, as the hypervisor does; "
+                                   "the driver plugs or unplugs blocks (exit 3 if a block to unplug is busy)")
+    sp.add_argument("id", metavar="DEVICE", help="a virtio-mem device id (see memfs status)")
+    sp.add_argument("size", metavar="SIZE", help="the new requested size, a multiple of the block size, e.g. 512M")
+    sp.add_argument("--json", action="store_true", help="print the device and its blocks as JSON")
 
     sp = cmd("alloc", cmd_alloc, "allocate pages (pins blocks: unmovable pages make offlining fail EBUSY); "
                                  "prints the allocation id")
@@ -358,6 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", type=float, default=0, metavar="S",
                     help="wait up to S seconds (at most 60) for an event after N")
     sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("describe", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                        help="write the machine description of this machine (or of a sysfs dump)",
+                        description="Read a machine's memory sysfs, read-only, and write a machine description "
+                                    "that `memfs mount MNT --config FILE` serves as the same tree: block size, "
+                                    "RAM ranges, nodes, hot-plugged DIMMs, every block's state and zone, "
+                                    "auto_online_blocks, memory_hotplug parameters, kernel profile. Attributes "
+                                    "memfs would read differently are listed on stderr and in the file.")
+    sp.set_defaults(fn=cmd_describe)
+    sp.add_argument("--sysroot", default="/", metavar="DIR",
+                    help="a directory holding sys/devices/system/memory (and optionally sys/devices/system/"
+                         "node, sys/module/memory_hotplug, sys/firmware/memmap, proc/zoneinfo, proc/iomem, "
+                         "proc/sys/kernel/{osrelease,arch}, proc/cmdline); default: this machine, /")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write the description to FILE (default: stdout)")
+    sp.add_argument("--kernel", metavar="V",
+                    help="kernel profile or release, e.g. 6.1 or 6.12.117+deb13-amd64 (default: the newest "
+                         "profile not newer than the machine's release)")
+    from .machine.profiles import ARCHES
+    sp.add_argument("--arch", choices=list(ARCHES), metavar="ARCH",
+                    help="the machine's arch and page size, for dumps without proc/sys/kernel/arch: "
+                         + ", ".join(ARCHES))
 
     add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox/cli.py)
     return p

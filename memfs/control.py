@@ -11,8 +11,12 @@ the reply is ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "code": "EBUSY
 
     ping                                        -> pid, mountpoint, version
     status                                      -> status (memfs.status.snapshot)
-    plug     size, [node, addr, id, driver, memmap_on_memory] -> device, blocks
+    plug     size, [node, addr, id, driver, memmap_on_memory, requested] -> device, blocks
+                                                  (virtio-mem: size is the region, requested
+                                                   what the driver plugs, default size)
     unplug   id                                 -> id, blocks
+    resize   id, size                           -> device, blocks (virtio-mem: the new requested
+                                                   size; EBUSY if blocks to unplug are busy)
     alloc    kind, size, [node, block]          -> allocation
     free     id                                 -> id
     events   [since, wait]                      -> seqnum, events
@@ -57,7 +61,7 @@ MAX_CONNECTIONS = 64
 SEND_TIMEOUT = 30
 #: longest device id (printable characters only)
 MAX_ID = 64
-OPS = ("ping", "status", "plug", "unplug", "alloc", "free", "events", "state", "shutdown")
+OPS = ("ping", "status", "plug", "unplug", "resize", "alloc", "free", "events", "state", "shutdown")
 
 
 # ---------------------------------------------------------------------- paths
@@ -144,8 +148,9 @@ def _size(req: dict, key: str, required: bool = False) -> int | None:
 
 _FIELDS = {
     "ping": set(), "status": set(), "shutdown": set(),
-    "plug": {"size", "node", "addr", "id", "driver", "memmap_on_memory"},
+    "plug": {"size", "node", "addr", "id", "driver", "memmap_on_memory", "requested"},
     "unplug": {"id"},
+    "resize": {"id", "size"},
     "alloc": {"kind", "size", "node", "block"},
     "free": {"id"},
     "events": {"since", "wait"},
@@ -153,7 +158,7 @@ _FIELDS = {
 }
 
 
-_LOGGED = {"plug", "unplug", "alloc", "free", "shutdown"}
+_LOGGED = {"plug", "unplug", "resize", "alloc", "free", "shutdown"}
 
 
 def _event_dict(ev: Any) -> dict[str, Any]:
@@ -229,13 +234,18 @@ class Handler:
         dev_id = _field(req, "id", (str,))
         driver = _field(req, "driver", (str,), "acpi")
         mom = _field(req, "memmap_on_memory", (bool,), False)
+        requested = _size(req, "requested")
+        if requested is not None and driver != "virtio_mem":
+            raise BadRequest("plug: requested is a virtio-mem size (the device's region is size); other "
+                             "devices are plugged whole")
         if mom and driver != "dax_kmem":
             raise BadRequest("plug: memmap_on_memory can be requested for driver dax_kmem only; an ACPI "
                              "DIMM gets it from the boot parameter (boot.memmap_on_memory) and the kernel "
                              "profile, virtio-mem and probe never use it")
         if dev_id is not None and not (0 < len(dev_id) <= MAX_ID and dev_id.isprintable()):
             raise BadRequest(f"plug: id must be 1 to {MAX_ID} printable characters, e.g. dimm4")
-        dev = self.m.plug(size, node=node, addr=addr, dev_id=dev_id, driver=driver, memmap_on_memory=mom)
+        dev = self.m.plug(size, node=node, addr=addr, dev_id=dev_id, driver=driver, memmap_on_memory=mom,
+                          requested=requested)
         with self.m.lock:
             blocks = [{"id": b, "state": self.m.blocks[b].state} for b in dev.block_ids if b in self.m.blocks]
             return {"device": device_dict(self.m, dev), "blocks": blocks}
@@ -246,6 +256,15 @@ class Handler:
             blocks = list(self.m.device(dev_id).block_ids)
             self.m.unplug(dev_id)
         return {"id": dev_id, "blocks": blocks}
+
+    def op_resize(self, req: dict) -> dict:
+        from .status import device_dict
+        dev_id = _field(req, "id", (str,), required=True)
+        size = _size(req, "size", required=True)
+        dev = self.m.resize(dev_id, size)
+        with self.m.lock:
+            blocks = [{"id": b, "state": self.m.blocks[b].state} for b in dev.block_ids]
+            return {"device": device_dict(self.m, dev), "blocks": blocks}
 
     def op_alloc(self, req: dict) -> dict:
         kind = _field(req, "kind", (str,), required=True)

@@ -69,6 +69,9 @@ def device_dict(m: Any, dev: Any) -> dict[str, Any]:
         "slot": dev.slot,
         "blocks": list(dev.block_ids),
         "memmap_on_memory": bool(dev.memmap_on_memory),
+        # virtio-mem: size is the region; requested follows the hypervisor, plugged the driver
+        "requested": dev.requested if dev.driver == "virtio_mem" else dev.size,
+        "plugged": len(dev.block_ids) * m.block_size,
     }
 
 
@@ -100,6 +103,7 @@ def snapshot(m: Any, **extra: Any) -> dict[str, Any]:
                     "vmemmap": z.vmemmap,
                     "used": z.used,
                     "free": z.free,
+                    "pcp": z.free - z.nr_free_pages,
                 } for z in node.zones],
             })
         out: dict[str, Any] = {
@@ -235,7 +239,9 @@ def render_text(s: dict[str, Any]) -> str:
             slot = "-" if d["slot"] is None else str(d["slot"])
             out.append(f"  {d['id']:<{w}}{d['driver']:<12}{d['range']:<38}{human_size(d['size']):>6}"
                        f"{d['node']:>6}{slot:>6}  {id_ranges(d['blocks']):<12}"
-                       f"{'yes' if d['memmap_on_memory'] else 'no'}")
+                       f"{'yes' if d['memmap_on_memory'] else 'no'}"
+                       + (f"  (virtio-mem: requested {human_size(d['requested'])}, plugged "
+                          f"{human_size(d['plugged'])})" if d["driver"] == "virtio_mem" else ""))
     else:
         out.append("  (none)")
     user = [a for a in s["allocations"] if a["label"] == "user"]

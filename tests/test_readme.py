@@ -16,7 +16,8 @@ MACHINE_DOC = (ROOT / "docs" / "machine.md").read_text()
 # docs/machine.md column -> KernelProfile field
 PROFILE_COLUMNS = ["memmap_on_memory", "memmap_force", "memmap_split_per_block", "acpi_always_requests",
                    "dax_kmem_memmap", "online_policy", "cached_zone", "hwpoison_online", "vmstat_memmap",
-                   "crash_hotplug", "toggles_normal_memory"]
+                   "crash_hotplug", "toggles_normal_memory", "mf_stats", "acpi_container_online",
+                   "virtio_mem_movable_first"]
 
 
 def test_quick_start_is_two_commands():

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 UNMOVABLE = "unmovable"
 MOVABLE = "movable"
+#: label of freed memmap pages held on a zone's per-cpu lists (Machine.pcp_lists): not in
+#: NR_FREE_PAGES, reused by the next memmap allocation, drained by an offline in the zone
+PCP = "pcp"
 
 
 @dataclass

@@ -99,3 +99,8 @@ class HotplugDevice:
     block_ids: list[int] = field(default_factory=list)
     memmap_on_memory: bool = False  # the MHP_MEMMAP_ON_MEMORY request, as granted
     memmap_allocs: list[int] = field(default_factory=list)  # memmap taken from RAM at add
+    # virtio-mem (drivers/virtio/virtio_mem.c): `start`/`size` are the device region, the
+    # hypervisor's requested size is what the driver plugs towards, block by block
+    requested: int = 0
+    block_memmap: dict[int, list[int]] = field(default_factory=dict)  # block id -> its memmap allocations
+    wq_active: bool = False  # vm->wq_active: the driver's work item is running

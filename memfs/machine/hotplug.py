@@ -23,12 +23,16 @@ from .blocks import (
     MEM_GOING_OFFLINE, MEM_OFFLINE, MEM_ONLINE, MMOP_OFFLINE, MMOP_ONLINE, MMOP_ONLINE_KERNEL,
     MMOP_ONLINE_MOVABLE, ONLINE_TYPE_NAMES, HotplugDevice, MemoryBlock, MemoryGroup,
 )
-from .config import MachineConfig, load_config
+from .config import ConfigError, MachineConfig, StateConfig, load_config
 from .events import EventLog
 from .lockdep import lockdep_assert_held
 from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, arm64_zone_limits, make_zones
 
 EHWPOISON = 133  # not in Python's errno module on every platform
+#: QEMU's memory hotplug container (\_SB.MHPC, PNP0A06) as drivers/acpi/container.c registers it
+ACPI_CONTAINER_DEVPATH = "/devices/system/container/PNP0A06:04"
+#: nodeN/memory_failure/ files, in memory_failure_attr[] order
+MF_STATS = ("total", "ignored", "failed", "delayed", "recovered")
 
 # x86_64 4-level paging: MAX_PHYSMEM_BITS 46; arm64: 48 (52 with LPA, not modelled)
 _MAX_PHYSMEM_BITS = {"x86_64": 46}
@@ -114,6 +118,13 @@ class Machine:
         # /proc/vmstat (6.11+)
         self.nr_memmap_pages = 0
         self.nr_memmap_boot_pages = 0
+        # allocation ids of pages held on the zones' per-cpu lists (_populate_memmap, _fill_pcp)
+        self.pcp_lists: list[int] = []
+        self.booted = False
+        # NODE_DATA(nid)->mf_stats (mm/memory-failure.c update_per_node_mf_stats(), 2023+):
+        # the raw pages memory_failure() handled on each node, by outcome
+        self.mf_stats: dict[int, dict[str, int]] = {
+            n.id: dict.fromkeys(MF_STATS, 0) for n in cfg.nodes}
         self._boot()
 
     @classmethod
@@ -191,6 +202,13 @@ class Machine:
             self._reserve(self.nodes[n.id], n.reserved >> self.page_shift, low=False)
         for zone in self._all_zones():
             zone.managed = zone.present - zone.reserved_boot
+        # Boot blocks that the description takes offline go first: memfs places the booted
+        # kernel's `used` pages from the top of each node down, and a block that is offline
+        # on the described machine holds none of them.
+        early = [(i, st, [b for b in st.blocks if st.state == "offline" and b in self.blocks])
+                 for i, st in enumerate(self.cfg.states)]
+        for i, st, bids in early:
+            self._apply_state(i, st, bids)
         # Boot blocks' `add` events went out before any listener existed (userspace
         # replays them by coldplug): they use up SEQNUMs but are not kept.
         self.events.seqnum += len(self.blocks)
@@ -205,8 +223,39 @@ class Machine:
                          if b.nid == n.id and b.free > 0]
                 self.allocator.allocate(_alloc.UNMOVABLE, pages, n.id, label="kernel", order=order)
         for d in self.cfg.dimms:
-            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver)
+            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver, slot=d.slot,
+                      requested=d.requested if d.driver == "virtio_mem" else None)
+        self.booted = True  # from here on, plugs are runtime hot-adds
+        for (i, st, done) in early:
+            self._apply_state(i, st, [b for b in st.blocks if b not in done])
         self.generation = 0
+
+    def _apply_state(self, i: int, st: StateConfig, bids: list[int]) -> None:
+        """One [[state]] entry: `st.state` written to each block's `state`, as state_store()
+        would take it, unless the block is in that state (and zone) already."""
+        with self.lock:  # as the writes to memoryN/state take it (lock_device_hotplug_sysfs)
+            want = ONLINE_TYPE_NAMES.index(st.state)
+            for bid in bids:
+                mem = self.blocks.get(bid)
+                if mem is None:
+                    raise ConfigError(f"state[{i}].blocks: memory{bid} does not exist on this machine "
+                                      f"(it has memory{min(self.blocks)} to memory{max(self.blocks)}, with holes)")
+                try:
+                    if want == MMOP_OFFLINE:
+                        self.device_offline(mem)
+                    else:
+                        if mem.state == MEM_ONLINE and st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                            self.device_offline(mem)  # auto-onlined into another zone: move it
+                        if mem.state != MEM_ONLINE:
+                            mem.online_type = want
+                            self.device_online(mem)
+                except OSError as e:
+                    raise ConfigError(f"state[{i}]: writing {st.state} to memory{bid}/state fails "
+                                      f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}); "
+                                      f"change the [[state]] entry or the machine") from None
+                if st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                    got = mem.zone.name if mem.zone is not None else "several zones"
+                    raise ConfigError(f"state[{i}]: memory{bid} goes online in {got}, not {st.zone}")
 
     def _all_zones(self) -> Iterable[Zone]:
         for node in self.nodes.values():
@@ -519,6 +568,7 @@ class Machine:
         if self.profile.hwpoison_online and mem.hwpoison:
             raise OSError(EHWPOISON, f"{mem.name} has hwpoisoned pages")
         zone = self.zone_for_pfn_range(mem.online_type, mem.nid, mem.group, mem.start_pfn, mem.nr_pages)
+        newly_populated = not zone.populated()
         v = mem.nr_vmemmap_pages
         zone.resize_range(mem.start_pfn, mem.nr_pages)  # move_pfn_range_to_zone()
         self._adjust_present(mem, zone, mem.present_pages)
@@ -528,6 +578,8 @@ class Machine:
         mem.zone = zone
         mem.boot_zone_pages = {}
         zone.add_member(mem.id)
+        if newly_populated:  # online_pages(): the zone's per-cpu lists fill
+            self._fill_pcp(zone)
 
     def memory_block_offline(self, mem: MemoryBlock) -> None:
         """memory_block_offline() + offline_pages(), the checks in the kernel's order.
@@ -548,7 +600,9 @@ class Machine:
             raise OSError(errno.EINVAL, f"{mem.name}: failed due to memory holes")
         if zone is None:
             raise OSError(errno.EINVAL, f"{mem.name}: failed due to multizone range")
-        if mem.reserved or mem.unmovable or mem.cma:
+        # free pages sitting on the per-cpu lists are drained before isolation, not refused
+        on_pcp = sum(mem.allocs.get(aid, 0) for aid in self.pcp_lists)
+        if mem.reserved or mem.unmovable > on_pcp or mem.cma:
             raise OSError(errno.EBUSY, f"{mem.name}: unmovable pages, failed due to failure to isolate range")
         if mem.boot and self.cfg.arch.startswith("arm64"):
             raise OSError(errno.EPERM, f"Boot memory [{mem.start_pfn << self.page_shift:x} "
@@ -557,6 +611,10 @@ class Machine:
             time.sleep(self.cfg.offline_latency_ms / 1000)
         if not self.allocator.migrate_out(mem):
             raise OSError(errno.EBUSY, f"{mem.name}: no room to migrate {mem.movable} movable pages")
+        # The kernel drains the zone's per-cpu lists at every offline attempt; the model does
+        # it once the offline cannot fail any more, so that a refused write changes nothing
+        # (a failed attempt's drain is refilled by the next allocations anyway).
+        self._drain_pcp(zone)
         v = mem.nr_vmemmap_pages
         start, end = mem.extent_in(zone) or (mem.start_pfn, mem.end_pfn)
         self._adjust_present(mem, zone, -mem.present_pages)
@@ -609,6 +667,7 @@ class Machine:
         self.memory_subsys_online(mem)
         mem.dev_offline = False
         self.events.emit("online", mem.devpath)
+        self._virtio_mem_notify_online(mem)
         return 0
 
     def device_offline(self, mem: MemoryBlock) -> int:
@@ -708,25 +767,37 @@ class Machine:
         if any(bid in self.blocks for bid in range(first, last)):  # boot RAM (no device) there
             raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")
 
-    def add_memory(self, dev: HotplugDevice, request_memmap: bool) -> None:
-        """add_memory_resource(): blocks created offline, `add` events, node links, auto-online."""
+    def add_memory(self, dev: HotplugDevice, request_memmap: bool, start: int | None = None,
+                   size: int | None = None) -> None:
+        """add_memory_resource(): blocks created offline, `add` events, node links, auto-online.
+
+        [start, start + size) defaults to the whole device; virtio-mem adds one block of its
+        region at a time (add_memory_driver_managed() per memory block)."""
         lockdep_assert_held(self.lock)
-        self._check_range(dev.start, dev.size, dev.nid)
-        nblocks = dev.size // self.block_size
+        start = dev.start if start is None else start
+        size = dev.size if size is None else size
+        if self.devices.get(dev.id) is not dev:  # a new device: its whole range must be free
+            self._check_range(start, size, dev.nid)
+        else:  # part of a registered device's region (virtio-mem): only present memory can be in the way
+            first = start // self.block_size
+            if any(b in self.blocks for b in range(first, first + size // self.block_size)):
+                raise OSError(errno.EEXIST, f"range {start:#x}+{size:#x} overlaps present memory")
+        nblocks = size // self.block_size
         use_altmap = False
         if request_memmap:
             if self.profile.memmap_split_per_block:
                 use_altmap = self.mhp_supports_memmap_on_memory(None)
             elif self.profile.memmap_force:  # 6.6: silent fallback
-                use_altmap = self.mhp_supports_memmap_on_memory(dev.size)
-            elif not self.mhp_supports_memmap_on_memory(dev.size):
+                use_altmap = self.mhp_supports_memmap_on_memory(size)
+            elif not self.mhp_supports_memmap_on_memory(size):
                 raise OSError(errno.EINVAL, "memmap_on_memory requested but not supported for this range")
             else:
                 use_altmap = True
         memmap_pages = nblocks * self.sections_per_block * self.section_memmap_pages()
+        memmap_ids: list[int] = []
         if not use_altmap:  # the memmap comes from RAM, the new node's first
-            a = self.allocator.allocate(_alloc.UNMOVABLE, memmap_pages, dev.nid, label=f"memmap:{dev.id}")
-            dev.memmap_allocs.append(a.id)
+            memmap_ids = self._populate_memmap(memmap_pages, dev.nid, f"memmap:{dev.id}")
+            dev.memmap_allocs += memmap_ids
         dev.memmap_on_memory = use_altmap
         node = self.nodes[dev.nid]
         node.online = True
@@ -734,7 +805,7 @@ class Machine:
         if use_altmap:
             v = (self.memory_block_memmap_on_memory_pages() if self.profile.memmap_force
                  else self.memory_block_memmap_size() // self.page_size)
-        first = dev.start // self.block_size
+        first = start // self.block_size
         new = []
         for i in range(nblocks):
             mem = MemoryBlock(first + i, (first + i) * self.pages_per_block, self.pages_per_block, dev.nid,
@@ -742,8 +813,12 @@ class Machine:
                               group=dev.group, device=dev)
             self.blocks[mem.id] = mem
             dev.block_ids.append(mem.id)
+            if memmap_ids and nblocks == 1:
+                dev.block_memmap[mem.id] = memmap_ids
             new.append(mem)
             self.events.emit("add", mem.devpath)
+        if dev.block_ids[0] != first:  # a block within a region: keep the device's blocks in order
+            dev.block_ids.sort()
         for mem in new:
             node.blocks[mem.id] = None
         self.nr_memmap_pages += memmap_pages
@@ -773,8 +848,13 @@ class Machine:
 
     @journaled
     def plug(self, size: int, node: int = 0, addr: int | None = None, dev_id: str | None = None,
-             driver: str = "acpi", memmap_on_memory: bool = False) -> HotplugDevice:
-        """Hot-add a device, like QEMU's device_add (acpi) or a driver binding."""
+             driver: str = "acpi", memmap_on_memory: bool = False, requested: int | None = None,
+             slot: int | None = None) -> HotplugDevice:
+        """Hot-add a device, like QEMU's device_add (acpi) or a driver binding.
+
+        virtio-mem: `size` is the device region and `requested` the size the hypervisor asks
+        for (default: the whole region); the driver then plugs blocks towards it. `slot`: the
+        ACPI slot of a cold-plugged DIMM (the description's), else the first free one."""
         with self.lock:
             if dev_id is None:
                 prefix = "dimm" if driver == "acpi" else driver  # QEMU-like: dimm1, dimm2, ...
@@ -788,8 +868,14 @@ class Machine:
                 raise OSError(errno.EINVAL, f"size {size:#x} is not a multiple of the block size {self.block_size:#x}")
             if node not in self.nodes:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
-            slot = None
-            if driver == "acpi":
+            if requested is not None and driver != "virtio_mem":
+                raise OSError(errno.EINVAL, "a requested size is a virtio-mem property; other devices plug whole")
+            if driver != "acpi":
+                slot = None
+            if driver == "acpi" and slot is not None:  # a cold-plugged DIMM in the description's slot
+                if not 0 <= slot < len(self.slots) or self.slots[slot] is not None:
+                    raise OSError(errno.EBUSY, f"DIMM slot {slot} is taken or does not exist")
+            elif driver == "acpi":
                 slot = next((i for i, d in enumerate(self.slots) if d is None), None)
                 if slot is None:
                     raise OSError(errno.ENOSPC, f"all {len(self.slots)} DIMM slots are populated")
@@ -808,34 +894,24 @@ class Machine:
                 dev.group = self._new_group(node, False, pages)
                 request = memmap_on_memory
             elif driver == "virtio_mem":
-                dev.group = self._new_group(node, True, self.pages_per_block)
-                request = False
+                return self._virtio_mem_probe(dev, size if requested is None else requested)
             elif driver == "probe":
                 request = False
             else:
                 raise OSError(errno.EINVAL, f"unknown driver {driver!r}")
             try:
-                if driver == "virtio_mem":  # virtio-mem adds (and auto-onlines) block by block
-                    self._check_range(start, size, node)
-                    for i in range(size // self.block_size):
-                        part = HotplugDevice(dev_id, driver, start + i * self.block_size, self.block_size,
-                                             node, group=dev.group)
-                        self.add_memory(part, False)
-                        dev.block_ids += part.block_ids
-                        del self.devices[dev_id]
-                        dev.memmap_allocs += part.memmap_allocs
-                    self.devices[dev_id] = dev
-                else:
-                    self.add_memory(dev, request)
+                self.add_memory(dev, request)
             except OSError:
-                if dev.block_ids:  # virtio-mem failed part-way: the device keeps what it plugged
-                    self.devices[dev_id] = dev
-                elif dev.group is not None:
+                if dev.group is not None:
                     del self.groups[dev.group.id]
                 raise
             if slot is not None:
                 self.slots[slot] = dev
                 self.ost_log.append(AcpiOstReport(dev_id, 1, 0))
+                if self.booted and self.profile.acpi_container_online:
+                    # the Device Check rescan reaches the memory devices' container after
+                    # the new blocks were added (and auto-onlined): KOBJ_ONLINE for it
+                    self.events.emit("online", ACPI_CONTAINER_DEVPATH, subsystem="container")
             return dev
 
     def _acpi_dimm_without_driver(self, dev: HotplugDevice) -> HotplugDevice:
@@ -853,6 +929,157 @@ class Machine:
         self._changed()
         return dev
 
+    # ------------------------------------------------------------------ virtio-mem
+    # drivers/virtio/virtio_mem.c in Sub Block Mode (SBM: the device block, 2 MiB with
+    # QEMU, is smaller than a memory block). memfs plugs and unplugs whole memory blocks:
+    # requested sizes are multiples of the memory block size, so no block is ever partly
+    # plugged (VIRTIO_MEM_SBM_MB_*_PARTIAL never happens here).
+
+    #: VIRTIO_MEM_DEFAULT_OFFLINE_THRESHOLD: the driver stops adding memory while this much
+    #: of what it added is still offline (memory nobody onlines would only cost memmap)
+    VIRTIO_MEM_OFFLINE_THRESHOLD = 1 << 30
+
+    def _virtio_mem_probe(self, dev: HotplugDevice, requested: int) -> HotplugDevice:
+        """virtio_mem_probe() + virtio_mem_init(): the region is reserved, the dynamic memory
+        group registered (memory_group_register_dynamic(nid, unit_pages = one memory block in
+        SBM)), then the work item processes the requested size."""
+        self._check_range(dev.start, dev.size, dev.nid)
+        self._check_requested(dev, requested)
+        dev.requested = requested
+        dev.group = self._new_group(dev.nid, True, self.pages_per_block)
+        self.devices[dev.id] = dev
+        self._changed()
+        try:
+            self.virtio_mem_run_wq(dev)
+        except OSError:
+            if not dev.block_ids:  # nothing plugged: the hot-add changed nothing
+                del self.devices[dev.id]
+                if dev.group is not None:
+                    del self.groups[dev.group.id]
+                self._changed()
+            raise
+        return dev
+
+    def _check_requested(self, dev: HotplugDevice, requested: int) -> None:
+        if not 0 <= requested <= dev.size:
+            raise OSError(errno.EINVAL, f"requested size {requested:#x} is outside {dev.id}'s region "
+                                        f"of {dev.size:#x} bytes")
+        if requested % self.block_size:
+            raise OSError(errno.EINVAL, f"requested size {requested:#x} is not a multiple of the memory "
+                                        f"block size {self.block_size:#x} (memfs plugs whole blocks)")
+
+    def virtio_mem_plugged_size(self, dev: HotplugDevice) -> int:
+        """vm->plugged_size: every block the driver added is fully plugged."""
+        return len(dev.block_ids) * self.block_size
+
+    def _virtio_mem_offline_size(self, dev: HotplugDevice) -> int:
+        """vm->offline_size: added by the driver and not (yet) online."""
+        return sum(self.block_size for b in dev.block_ids if self.blocks[b].state != MEM_ONLINE)
+
+    def _virtio_mem_offline_threshold(self) -> int:
+        """virtio_mem_init(): at least two memory blocks may be offline at a time."""
+        return max(2 * self.block_size, self.VIRTIO_MEM_OFFLINE_THRESHOLD)
+
+    def _virtio_mem_could_add_memory(self, dev: HotplugDevice, size: int) -> bool:
+        return self._virtio_mem_offline_size(dev) + size <= self._virtio_mem_offline_threshold()
+
+    @journaled
+    def resize(self, dev_id: str, requested: int) -> HotplugDevice:
+        """The hypervisor changes a virtio-mem device's requested size (QEMU: qom-set DEV
+        requested-size); the config-change interrupt runs the driver's work item at once.
+
+        Growing that stops at the offline threshold is not an error: the driver goes on when
+        blocks get onlined. A shrink that cannot free enough memory fails EBUSY after removing
+        what it could; the request stays (the driver's retry timer is not modelled: resize
+        again to retry)."""
+        with self.lock:
+            dev = self.device(dev_id)
+            if dev.driver != "virtio_mem":
+                raise OSError(errno.EOPNOTSUPP, f"{dev_id} is not a virtio-mem device (driver {dev.driver}); "
+                                                f"only virtio-mem devices resize: unplug it, or plug another")
+            self._check_requested(dev, requested)
+            dev.requested = requested
+            self._changed()
+            self.virtio_mem_run_wq(dev)
+            return dev
+
+    def virtio_mem_run_wq(self, dev: HotplugDevice) -> None:
+        """virtio_mem_run_wq(): plug or unplug the difference between requested and plugged."""
+        lockdep_assert_held(self.lock)
+        if dev.wq_active:  # virtio_mem_retry() while the work runs: this run sees the change
+            return
+        dev.wq_active = True
+        try:
+            plugged = self.virtio_mem_plugged_size(dev)
+            if dev.requested > plugged:
+                self._virtio_mem_sbm_plug_request(dev, dev.requested - plugged)
+            elif dev.requested < plugged:
+                self._virtio_mem_sbm_unplug_request(dev, plugged - dev.requested)
+        finally:
+            dev.wq_active = False
+
+    def _virtio_mem_sbm_plug_request(self, dev: HotplugDevice, diff: int) -> None:
+        """virtio_mem_sbm_plug_request(): reuse unused blocks, then prepare the next ones:
+        bottom-up through the region. Each block is plugged, then added offline (or
+        auto-onlined): add_memory_driver_managed(), never MHP_MEMMAP_ON_MEMORY."""
+        nb = diff // self.block_size
+        first = dev.start // self.block_size
+        offline = self._virtio_mem_offline_size(dev)  # kept up to date here: O(region), not O(region^2)
+        threshold = self._virtio_mem_offline_threshold()
+        for bid in range(first, first + dev.size // self.block_size):
+            if not nb:
+                return
+            if bid in self.blocks:
+                continue
+            if offline + self.block_size > threshold:  # virtio_mem_could_add_memory()
+                return  # -ENOSPC: wait until blocks get onlined (MEM_ONLINE retries)
+            self.add_memory(dev, False, start=bid * self.block_size, size=self.block_size)
+            if self.blocks[bid].state != MEM_ONLINE:  # not auto-onlined
+                offline += self.block_size
+            nb -= 1
+
+    def _virtio_mem_sbm_unplug_request(self, dev: HotplugDevice, diff: int) -> None:
+        """virtio_mem_sbm_unplug_request(): offline blocks first, then ZONE_MOVABLE ones, then
+        kernel-zone ones (5.16+; before, all online blocks alike), each from the highest block
+        down. An online block is
+        fake-offlined (alloc_contig_range(): its pages migrate away) and then goes through
+        offline_and_remove_memory(); a block that cannot be freed (-EBUSY) stays, and the
+        next candidate is tried. -EBUSY at the end if not enough could be unplugged."""
+        nb = diff // self.block_size
+        blocks = [self.blocks[b] for b in sorted(dev.block_ids, reverse=True)]
+        offline = [m for m in blocks if m.state != MEM_ONLINE]
+        online = [m for m in blocks if m.state == MEM_ONLINE]
+        if self.profile.virtio_mem_movable_first:
+            online = ([m for m in online if m.zone is not None and m.zone.is_movable]
+                      + [m for m in online if not (m.zone is not None and m.zone.is_movable)])
+        for mem in offline + online:
+            if not nb:
+                return
+            if mem.state == MEM_ONLINE:
+                try:
+                    self.device_offline(mem)
+                except OSError:
+                    continue  # busy: keep the block, try the next one
+            self._remove_blocks(dev, [mem])
+            nb -= 1
+        if nb:
+            raise OSError(errno.EBUSY, f"{dev.id}: {nb * self.block_size >> 20} MiB of "
+                                       f"{diff >> 20} MiB could not be unplugged: no other block can be "
+                                       f"offlined; {dev.id} keeps {self.virtio_mem_plugged_size(dev) >> 20} MiB")
+
+    def _virtio_mem_notify_online(self, mem: MemoryBlock) -> None:
+        """virtio_mem_memory_notifier_cb(MEM_ONLINE): start adding more memory once half
+        the offline threshold is free again, unless the work item is running already."""
+        dev = mem.device
+        if dev is None or dev.driver != "virtio_mem" or dev.wq_active or dev.id not in self.devices:
+            return
+        if dev.requested > self.virtio_mem_plugged_size(dev) and \
+                self._virtio_mem_could_add_memory(dev, self._virtio_mem_offline_threshold() // 2):
+            try:
+                self.virtio_mem_run_wq(dev)
+            except OSError:
+                pass  # the work item's errors go to its retry timer, not to whoever onlined
+
     @journaled
     def probe_store(self, addr: int) -> None:
         """memory/probe: one block at `addr`, never with memmap_on_memory."""
@@ -866,6 +1093,97 @@ class Machine:
         # x86 asks the SRAT; we take the node whose boot RAM starts highest below addr
         below = [(s, n.id) for n in self.cfg.nodes for s, _ in n.ram if s <= addr]
         return max(below)[1] if below else self.cfg.nodes[0].id
+
+    # ------------------------------------------------------------------ memmap from RAM
+    # x86-64 and arm64 map a hot-added section's memmap with one PMD-sized page, allocated
+    # from the buddy allocator (vmemmap_populate_hugepages -> vmemmap_alloc_block, order 9:
+    # 2 MiB for 128 MiB of 4 KiB pages). Since 5.13 pages of that order are kept on the
+    # per-cpu lists (mm/page_alloc.c pcp_allowed_order), which NR_FREE_PAGES, and so MemFree,
+    # does not count: an order-9 allocation refills the empty list with a batch of two
+    # (nr_pcp_alloc: max(batch >> order, 2)) and keeps the second there; a freed memmap page
+    # goes back onto the list of its zone, where the next memmap allocation finds it; the
+    # list is drained when a block of that zone goes offline (offline_pages ->
+    # zone_pcp_disable). The traces show exactly that: a first runtime add without
+    # memmap_on_memory costs 4 MiB, removing it gives nothing back, adding the same range
+    # again costs nothing, and offlining a Normal block afterwards frees 2 MiB.
+    def _pcp_pageblock_pages(self) -> int:
+        """Pages of one memmap page that the per-cpu lists cache (0: not modelled here)."""
+        chunk = self.arch.pmd_size >> self.page_shift
+        if self.profile.pcp_pageblock_order and self.section_memmap_pages() == chunk == self.arch.pageblock_pages:
+            return chunk
+        return 0
+
+    def _alloc_zone(self, aid: int) -> Zone:
+        """The zone of an allocation's first page."""
+        a = self.allocator.allocs[aid]
+        if a.zone_pieces:
+            (bid, zidx), _ = min(a.zone_pieces.items())
+            return self.nodes[self.blocks[bid].nid].zones[zidx]
+        blk = self.blocks[min(a.pieces)]
+        assert blk.zone is not None
+        return blk.zone
+
+    def _populate_memmap(self, pages: int, nid: int, label: str) -> list[int]:
+        """The memmap of an added range, from RAM: allocation ids (ENOMEM: nothing taken)."""
+        chunk = self._pcp_pageblock_pages()
+        if not chunk:
+            return [self.allocator.allocate(_alloc.UNMOVABLE, pages, nid, label=label).id]
+        taken: list[int] = []
+        reused: list[int] = []
+        try:
+            for _ in range(pages // chunk):
+                first = next(self.allocator.candidates(_alloc.UNMOVABLE, nid), None)
+                zone = first[1] if first is not None else None
+                cached = [aid for aid in self.pcp_lists if self._alloc_zone(aid) is zone
+                          and self.allocator.allocs[aid].pages == chunk]
+                if cached:  # the preferred zone's per-cpu list has one
+                    aid = cached[-1]
+                    self.pcp_lists.remove(aid)
+                    self.allocator.allocs[aid].label = label
+                    reused.append(aid)
+                    taken.append(aid)
+                    continue
+                taken.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=label).id)
+                try:  # the batch's second page stays on the list, if there is one to take
+                    self.pcp_lists.append(self.allocator.allocate(_alloc.UNMOVABLE, chunk, nid, label=_alloc.PCP).id)
+                except OSError:
+                    pass
+        except OSError:
+            for aid in taken:
+                if aid in reused:
+                    self.allocator.allocs[aid].label = _alloc.PCP
+                    self.pcp_lists.append(aid)
+                else:
+                    self.allocator.free(aid)
+            raise
+        return taken
+
+    def _free_memmap(self, aid: int) -> None:
+        """vmemmap_free(): a memmap page goes back to its zone's per-cpu list."""
+        if self._pcp_pageblock_pages() and self.allocator.allocs[aid].pages == self._pcp_pageblock_pages():
+            self.allocator.allocs[aid].label = _alloc.PCP
+            self.pcp_lists.append(aid)
+        else:
+            self.allocator.free(aid)
+
+    def _fill_pcp(self, zone: Zone) -> None:
+        """A newly populated zone's per-cpu lists fill with its first allocations
+        (rmqueue_bulk refills an empty list with a batch, up to pcp->high): free pages that
+        leave NR_FREE_PAGES until an offline drains them. How many is emergent (what the
+        kernel allocates right then); the profile holds the traces' median."""
+        zone.pcp = min(self.profile.pcp_fill_pages, zone.free)
+
+    def pcp_count(self, zone: Zone) -> int:
+        """Pages on the zone's per-cpu lists (zoneinfo's pagesets count)."""
+        return min(zone.pcp, zone.free) + sum(self.allocator.allocs[a].pages for a in self.pcp_lists
+                                               if self._alloc_zone(a) is zone)
+
+    def _drain_pcp(self, zone: Zone) -> None:
+        """zone_pcp_disable() at offline: the zone's per-cpu pages go back to the buddy allocator."""
+        zone.pcp = 0
+        for aid in [a for a in self.pcp_lists if self._alloc_zone(a) is zone]:
+            self.pcp_lists.remove(aid)
+            self.allocator.free(aid)
 
     # ------------------------------------------------------------------ remove
     def remove_memory(self, dev: HotplugDevice) -> None:
@@ -882,6 +1200,17 @@ class Machine:
                     raise OSError(errno.EINVAL, "mixed altmap and non-altmap blocks in one range")
             elif len(blocks) != 1:
                 raise OSError(errno.EINVAL, "Refuse to remove: wrong granularity")
+        self._remove_blocks(dev, blocks)
+        del self.devices[dev.id]
+        if dev.slot is not None:
+            self.slots[dev.slot] = None
+        if dev.group is not None:
+            self.groups.pop(dev.group.id, None)
+        self._changed()
+
+    def _remove_blocks(self, dev: HotplugDevice, blocks: list[MemoryBlock]) -> None:
+        """arch_remove_memory() of offline blocks: their devices, node links and memmap go."""
+        lockdep_assert_held(self.lock)
         node = self.nodes[dev.nid]
         for mem in blocks:
             if mem.hwpoison:  # the memmap goes, and its PG_hwpoison pages leave num_poisoned_pages
@@ -890,14 +1219,17 @@ class Machine:
             mem.removed = True
             del self.blocks[mem.id]
             self.events.emit("remove", mem.devpath)
-        for aid in dev.memmap_allocs:
-            self.allocator.free(aid)
+            # added on its own (virtio-mem): its memmap goes with it
+            for aid in dev.block_memmap.pop(mem.id, ()):
+                self._free_memmap(aid)
+                dev.memmap_allocs.remove(aid)
+        gone = {mem.id for mem in blocks}
+        dev.block_ids = [b for b in dev.block_ids if b not in gone]
+        if not dev.block_ids:
+            for aid in dev.memmap_allocs:
+                self._free_memmap(aid)
+            dev.memmap_allocs.clear()
         self.nr_memmap_pages -= len(blocks) * self.sections_per_block * self.section_memmap_pages()
-        del self.devices[dev.id]
-        if dev.slot is not None:
-            self.slots[dev.slot] = None
-        if dev.group is not None:
-            self.groups.pop(dev.group.id, None)
         if not node.blocks and not node.cpus and not node.has_memory():
             node.online = False
         self._changed()
@@ -1035,6 +1367,11 @@ class Machine:
             if mem.zone is None:
                 mem.zone_used[zone.idx] = mem.zone_used.get(zone.idx, 0) + 1
             zone.used += 1
+            if not soft:  # a free page taken off the buddy: action_result(MF_MSG_BUDDY, MF_RECOVERED);
+                # soft_offline_page() never calls action_result(), so it counts nowhere
+                stats = self.mf_stats[zone.nid]
+                stats["total"] += 1
+                stats["recovered"] += 1
             self._changed()
 
     # ------------------------------------------------------------------ accounting views
@@ -1059,6 +1396,6 @@ class Machine:
         nodes = self.nodes.values() if nid is None else [self.nodes[nid]]
         kb = self.page_size // 1024
         total = sum(n.managed for n in nodes) * kb
-        free = sum(n.managed - n.used for n in nodes) * kb
+        free = sum(n.nr_free_pages for n in nodes) * kb
         return {"MemTotal": total, "MemFree": free, "MemUsed": total - free,
                 "HardwareCorrupted": len(self.poisoned) * kb}

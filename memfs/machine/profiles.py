@@ -28,9 +28,23 @@ class KernelProfile:
     vmstat_memmap: bool  # 6.11: nr_memmap_pages / nr_memmap_boot_pages in /proc/vmstat
     crash_hotplug: bool  # 6.6: /sys/devices/system/memory/crash_hotplug
     toggles_normal_memory: bool  # up to 6.16: hotplug maintains N_NORMAL_MEMORY
+    # nodeN/memory_failure/{total,ignored,failed,delayed,recovered}: mm/memory-failure.c
+    # memory_failure_attr_group, 2023 (Documentation/ABI/stable/sysfs-devices-node); absent
+    # from the 6.1 traces, present in the 6.12 and 7.2 ones
+    mf_stats: bool
+    # a Device Check on a memory device rescans its parent, the PNP0A06 container, whose scan
+    # handler's notify_online (drivers/acpi/container.c container_device_online()) sends
+    # KOBJ_ONLINE: drivers/acpi/scan.c acpi_scan_device_check() after the 6.8 rework of
+    # Device/Bus Check handling. 6.1 traces: no such event; 6.12 and 7.2: one per DIMM hot-add
+    acpi_container_online: bool
+    # 5.16: virtio_mem_sbm_unplug_request() unplugs ZONE_MOVABLE blocks before kernel-zone
+    # ones; before, all online blocks were tried alike, from the highest down
+    virtio_mem_movable_first: bool
     # 5.13 (mm/page_alloc.c pcp_allowed_order): order-9 (pageblock) pages are kept on the
     # per-cpu lists, which NR_FREE_PAGES (MemFree) does not count
     pcp_pageblock_order: bool = True
+    # pages a newly populated zone's per-cpu lists take at once (measured, docs/conformance.md)
+    pcp_fill_pages: int = 112
     # 6.12: arm64 sizes ZONE_DMA from zone_dma_limit (an address) instead of zone_dma_bits
     # ("dma-mapping: replace zone_dma_bits by zone_dma_limit", with "arm64: mm: fix DMA zone
     # when dma-ranges is missing" of 6.12.y); before, max_zone_phys() took a bit count
@@ -62,7 +76,8 @@ def _p(name: str, **kw: object) -> KernelProfile:
         memmap_on_memory=True, memmap_force=False, memmap_split_per_block=False,
         acpi_always_requests=False, dax_kmem_memmap=False, online_policy=True,
         cached_zone=True, hwpoison_online=True, vmstat_memmap=False, crash_hotplug=False,
-        toggles_normal_memory=True,
+        toggles_normal_memory=True, mf_stats=True, acpi_container_online=True,
+        virtio_mem_movable_first=True,
     )
     base.update(kw)
     return KernelProfile(name=name, **base)  # type: ignore[arg-type]
@@ -70,13 +85,17 @@ def _p(name: str, **kw: object) -> KernelProfile:
 
 PROFILES: dict[str, KernelProfile] = {
     "5.12": _p("5.12", memmap_on_memory=False, online_policy=False, cached_zone=False,
-               hwpoison_online=False),
-    "5.13": _p("5.13", online_policy=False, cached_zone=False, hwpoison_online=False),
-    "5.15": _p("5.15", cached_zone=False, hwpoison_online=False),
+               hwpoison_online=False, pcp_pageblock_order=False, mf_stats=False,
+               acpi_container_online=False, virtio_mem_movable_first=False),
+    "5.13": _p("5.13", online_policy=False, cached_zone=False, hwpoison_online=False, mf_stats=False,
+               acpi_container_online=False, virtio_mem_movable_first=False),
+    "5.15": _p("5.15", cached_zone=False, hwpoison_online=False, mf_stats=False, acpi_container_online=False,
+               virtio_mem_movable_first=False),
     # EHWPOISON on online needs the per-memory_block hwpoison counter (mm/memory-failure.c,
     # drivers/base/memory.c memory_block_online()); it was merged for 6.2, so 6.1 onlines such blocks.
-    "6.1": _p("6.1", hwpoison_online=False),
-    "6.6": _p("6.6", memmap_force=True, acpi_always_requests=True, crash_hotplug=True),
+    "6.1": _p("6.1", hwpoison_online=False, mf_stats=False, acpi_container_online=False),
+    "6.6": _p("6.6", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,
+              acpi_container_online=False),
     "6.8": _p("6.8", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,
               memmap_split_per_block=True, dax_kmem_memmap=True),
     "6.12": _p("6.12", memmap_force=True, acpi_always_requests=True, crash_hotplug=True,

@@ -24,6 +24,9 @@ class Zone:
     vmemmap: int = 0  # memmap_on_memory pages: present, not managed
     reserved_boot: int = 0  # memblock reservations at boot: present, never managed
     cma: int = 0
+    # free pages held on the zone's per-cpu lists, which NR_FREE_PAGES (MemFree) does not
+    # count: the lists fill when the zone is first populated, an offline drains them
+    pcp: int = 0
     # ids of online blocks with pages in this zone, sorted: O(log n) span shrinking
     members: list[int] = field(default_factory=list)
 
@@ -41,7 +44,13 @@ class Zone:
 
     @property
     def free(self) -> int:
+        """Pages not in use (the per-cpu lists' ones included): what allocations may take."""
         return self.managed - self.used
+
+    @property
+    def nr_free_pages(self) -> int:
+        """NR_FREE_PAGES: free pages in the buddy allocator (zoneinfo, vmstat, MemFree)."""
+        return self.free - min(self.pcp, self.free)
 
     def populated(self) -> bool:
         return self.present > 0
@@ -101,6 +110,10 @@ class Node:
     @property
     def used(self) -> int:
         return sum(z.used for z in self.zones)
+
+    @property
+    def nr_free_pages(self) -> int:
+        return sum(z.nr_free_pages for z in self.zones)
 
     def has_memory(self) -> bool:
         """N_MEMORY."""

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .. import control
 from .checks import SandboxError
-from .core import Sandbox, _env_with_package, open_sandbox
+from .core import Sandbox, env_with_package, open_sandbox
 from .enter import EXIT_SANDBOX
 from .udevd import Udevd, find_udevd
 
@@ -90,7 +90,7 @@ def cmd_udevd(a: argparse.Namespace) -> int:
             raise _Fail(2, f"--rules {r}: not a directory")
     if a.foreground:
         argv = [exe, "--resolve-names=never"] + (["--debug"] if a.debug else [])
-        env = _env_with_package(dict(os.environ, SYSTEMD_DEVICE_VERIFY_SYSFS="0"))
+        env = env_with_package(dict(os.environ, SYSTEMD_DEVICE_VERIFY_SYSFS="0"))
         cmd = sb.command(argv, cwd="/", unshare_mounts={"udev_rules": rules, "udev_conf": ""})
         return subprocess.call(cmd, env=env)
     try:

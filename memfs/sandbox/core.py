@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from .. import control
 from ..mountinfo import read_mountinfo
@@ -65,7 +65,7 @@ class Sandbox:
         os.set_inheritable(life_w, False)
         argv = [sys.executable, "-c", holder.ENTRY, str(status_w), str(go_r), str(life_r), json.dumps(spec)]
         proc = subprocess.Popen(argv, pass_fds=(status_w, go_r, life_r), stdin=subprocess.DEVNULL,
-                                env=_env_with_package(os.environ), cwd="/", start_new_session=True)
+                                env=env_with_package(os.environ), cwd="/", start_new_session=True)
         os.close(status_w)
         os.close(go_r)
         os.close(life_r)
@@ -186,7 +186,7 @@ class Sandbox:
 
     def popen(self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
               **kw: object) -> subprocess.Popen:
-        e = _env_with_package(os.environ if env is None else env)
+        e = env_with_package(os.environ if env is None else env)
         e.setdefault("SYSTEMD_DEVICE_VERIFY_SYSFS", "0")
         return subprocess.Popen(self.command(argv, cwd=cwd), env=e, **kw)
 
@@ -354,7 +354,7 @@ def package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _env_with_package(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+def env_with_package(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` with this memfs first on PYTHONPATH: the trampolines import it."""
     e = dict(env)
     e["PYTHONPATH"] = package_parent() + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")

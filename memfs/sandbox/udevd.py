@@ -8,7 +8,7 @@ import time
 from typing import IO, Sequence
 
 from .checks import SandboxError
-from .core import Sandbox, _env_with_package
+from .core import Sandbox, env_with_package
 
 UDEVD_CANDIDATES = ("/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd")
 
@@ -40,7 +40,7 @@ class Udevd:
             argv.append("--debug")
         self.log_path = log_path
         # SYSTEMD_DEVICE_VERIFY_SYSFS=0: accept device directories on FUSE, not sysfs
-        env = _env_with_package(dict(os.environ, SYSTEMD_DEVICE_VERIFY_SYSFS="0", SYSTEMD_LOG_TARGET="console"))
+        env = env_with_package(dict(os.environ, SYSTEMD_DEVICE_VERIFY_SYSFS="0", SYSTEMD_LOG_TARGET="console"))
         if debug:
             env["SYSTEMD_LOG_LEVEL"] = "debug"
         cmd = sandbox.command(argv, cwd="/", detach=True,

@@ -106,7 +106,7 @@ def zoneinfo(m: Machine) -> str:
                     out.append("  per-node stats")
                     out += [f"      {k:<12} {v}" for k, v in _node_stats(m, nid)]
                 wmin, low, high = watermarks(m, zone)
-                free = zone.free if zone.populated() else 0
+                free = zone.nr_free_pages if zone.populated() else 0
                 out.append(f"  pages free     {free}")
                 out += ["        boost    0", f"        min      {wmin}", f"        low      {low}",
                         f"        high     {high}", f"        spanned  {zone.spanned}",
@@ -120,7 +120,7 @@ def zoneinfo(m: Machine) -> str:
                           "nr_zone_active_file", "nr_zone_unevictable", "nr_zone_write_pending",
                           "nr_mlock", "nr_bounce", "nr_zspages", "nr_free_cma"):
                     out.append(f"      {k:<12} 0")
-                out += ["  pagesets", "    cpu: 0", "              count: 0", f"              high:  {low}",
+                out += ["  pagesets", "    cpu: 0", f"              count: {m.pcp_count(zone)}", f"              high:  {low}",
                         "              batch: 1", "  vm stats threshold: 2", "  node_unreclaimable:  0",
                         f"  start_pfn:           {zone.start_pfn}"]
     return "\n".join(out) + "\n"
@@ -158,7 +158,7 @@ def node_vmstat(m: Machine, nid: int) -> str:
 def vmstat(m: Machine) -> str:
     with m.lock:
         zones = [z for n in m.nodes.values() for z in n.zones]
-        free = sum(z.free for z in zones if z.populated())
+        free = sum(z.nr_free_pages for z in zones if z.populated())
         lines = [("nr_free_pages", free), ("nr_zone_inactive_anon", 77), ("nr_zone_active_anon", 458),
                  ("nr_zone_inactive_file", 0), ("nr_zone_active_file", 0), ("nr_zone_unevictable", 0),
                  ("nr_zone_write_pending", 0), ("nr_mlock", 0), ("nr_bounce", 0), ("nr_zspages", 0),

@@ -166,3 +166,50 @@ def test_events_wait(memfs_mount):
     (m.memory / "memory33/state").write_text("online")
     r = m.cli("events", "--since", str(seq), "--wait", "5", "--json")
     assert [e["action"] for e in json.loads(r.stdout)["events"]] == ["online"]
+
+
+def test_resize_a_virtio_mem_device(memfs_mount, tmp_path):
+    """The f_virtio_mem steps through the CLI and the mount: grow (blocks offline, no
+    firmware_node), online, shrink from the top; a busy block makes the shrink exit 3."""
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(
+        '[[node]]\nid = 0\nram = ["0x100000-0x40000000"]\n'
+        '[[dimm]]\nid = "vm0"\nsize = "2G"\ndriver = "virtio_mem"\n')
+    m = memfs_mount(config=cfg)
+    r = m.cli("resize", "vm0", "512M")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ("vm0: requested 512M, plugged 512M: memory32 (offline) memory33 (offline) "
+                        "memory34 (offline) memory35 (offline)\n")
+    assert (m.memory / "memory32/valid_zones").read_text() == "Normal Movable\n"
+    assert not os.path.lexists(m.memory / "memory32/firmware_node")
+    (m.memory / "memory32/state").write_text("online_kernel")
+    for b in (33, 34, 35):
+        (m.memory / f"memory{b}/state").write_text("online_movable")
+    dev = next(d for d in m.status()["devices"] if d["id"] == "vm0")
+    assert (dev["size"], dev["requested"], dev["plugged"]) == (2 << 30, 512 << 20, 512 << 20)
+    seq = m.status()["seqnum"]
+    r = m.cli("resize", "vm0", "256M", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["blocks"] == [{"id": 32, "state": "online"}, {"id": 33, "state": "online"}]
+    ev = json.loads(m.cli("events", "--since", str(seq), "--json").stdout)["events"]
+    assert [(e["action"], e["devpath"].rsplit("/", 1)[1]) for e in ev] == [
+        ("offline", "memory35"), ("remove", "memory35"), ("offline", "memory34"), ("remove", "memory34")]
+    assert not (m.memory / "memory35").exists()
+    a = json.loads(m.cli("alloc", "--unmovable", "4K", "--block", "32", "--json").stdout)
+    r = m.cli("resize", "vm0", "0")
+    assert r.returncode == 3, r.stderr
+    assert "could not be unplugged" in r.stderr and "memfs free" in r.stderr
+    # memory33 (Movable) went; memory32 (Normal) holds the unmovable page and stays
+    assert sorted(p.name for p in m.memory.glob("memory3?")) == ["memory32"]
+    assert m.cli("free", str(a["id"])).returncode == 0
+    assert m.cli("resize", "vm0", "0").returncode == 0
+    assert not (m.memory / "memory32").exists()
+    r = m.cli("resize", "vm0", "100M")
+    assert r.returncode == 1 and "multiple of the memory block size" in r.stderr
+    r = m.cli("resize", "dimm-none", "128M")
+    assert r.returncode == 1 and "no device" in r.stderr
+    r = m.cli("plug", "--size", "1G", "--driver", "virtio_mem", "--requested", "256M", "--id", "vm1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "vm1: memory48 (offline) memory49 (offline)\n"  # after vm0's 2 GiB region (32-47)
+    r = m.cli("plug", "--size", "1G", "--requested", "256M")
+    assert r.returncode == 2 and "--requested is for --driver virtio_mem" in r.stderr

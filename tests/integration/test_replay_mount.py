@@ -1,4 +1,6 @@
-"""Replay the reference traces through `memfs mount`, with the shell (x86 6.1; arm64 6.1 below).
+"""Replay reference traces end to end through `memfs mount`, with the shell: both 6.1
+traces, one trace of each newer kernel (6.12, 7.2; `--kernel` gets the recorded
+release string, as a user would type `uname -r`), and arm64 6.1 (below).
 
 The daemon is started with the `memfs` command and the trace's kernel command line
 (`--set boot.memmap_on_memory=...`). Every write of the trace is `echo VALUE > MNT/PATH`
@@ -100,15 +102,17 @@ def memfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("name", [TRACE_A, TRACE_B])
-def test_trace_through_memfs_mount_with_the_shell(name, tmp_path):
-    trace = load_trace(name)
+@pytest.mark.parametrize("kernel, name", [("6.1", TRACE_A), ("6.1", TRACE_B), ("6.12", TRACE_A), ("7.2", TRACE_A)])
+def test_trace_through_memfs_mount_with_the_shell(kernel, name, tmp_path):
+    trace = load_trace(name, kernel)
     h = trace.header
     mnt = os.fspath(tmp_path / "mnt")
-    r = memfs("mount", mnt, "--no-sandbox", "--kernel", h.kernel_version or "6.1",
+    r = memfs("mount", mnt, "--no-sandbox", "--kernel", h.release or "6.1",
               "--set", f"boot.memmap_on_memory={str(h.memmap_on_memory).lower()}",
               "--set", f"boot.memhp_default_state={h.memhp_default_state or 'offline'}")
     assert r.returncode == 0, r.stderr
+    # a release string: the covering profile is named
+    assert f"memfs: note: kernel {h.release}: profile {kernel} (exact release line)" in r.stderr
     problems: list[str] = []
     pinned: set[str] = set()
     try:

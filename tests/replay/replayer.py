@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import errno
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memfs.machine.config import DimmConfig, load_config
 from memfs.machine.hotplug import Machine
+from memfs.machine.profiles import PROFILES, resolve_kernel
 from memfs.sysfs.kernfs import Attr, Link, Tree
 from memfs.sysfs.tree import build_tree
 
-from .traces import Dump, HostAdd, HostDel, Trace, Write
+from .traces import Dump, HostAdd, HostDel, HostResize, Trace, Write
 
 ZONES = ("DMA", "DMA32", "Normal", "Movable")
+#: the uevents memfs models; the traces also hold module, bus, driver, virtio and pci ones
+UEVENT_SUBSYSTEMS = ("memory", "container")
 
 
 #: machine descriptions of the reference guests that are not the embedded default
@@ -29,11 +33,18 @@ def machine_for(trace: Trace) -> Machine:
     """The reference VM: the embedded default machine (x86_64) or the arm64 guest's
     description, with the trace's command line and cold-plugged DIMMs."""
     h = trace.header
-    overrides = {"boot.memmap_on_memory": h.memmap_on_memory,
+    memmap: bool | str = h.memmap_on_memory
+    if (h.kernel_params.get("memory_hotplug.memmap_on_memory") or "").lower() == "force":
+        # 6.6+ parses "force"; older kernels' param_set_bool rejects it and the parameter
+        # keeps its default, off (the 6.1 trace g reads N)
+        memmap = "force" if PROFILES[resolve_kernel(h.kernel_version or "6.1")[0]].memmap_force else False
+    overrides = {"boot.memmap_on_memory": memmap,
                  "boot.memhp_default_state": h.memhp_default_state or "offline"}
     arch = h.uname.split()[-2] if h.uname else "x86_64"
     cfg = load_config(MACHINES.get(arch), overrides=overrides, kernel=h.kernel_version)
     cfg.dimms = [DimmConfig(id=i, size=s) for i, s in trace.cold_dimms]
+    cfg.dimms += [DimmConfig(id=v.id, size=v.size, node=v.node or 0, driver="virtio_mem", requested=v.requested)
+                  for v in trace.cold_virtio_mem]
     return Machine(cfg)
 
 
@@ -56,6 +67,8 @@ class Replayer:
     machine: Machine = field(init=False)
     tree: Tree = field(init=False)
     pinned: list[str] = field(default_factory=list)
+    #: uevents of these DEVPATH prefixes are left out of the comparison, on both sides
+    ignore_devpaths: tuple[str, ...] = ()
     seq0: int = 0
     kernel_seq0: int | None = None
 
@@ -88,8 +101,10 @@ class Replayer:
         """The kernel put its own (unmovable) allocations into this block as soon as it
         was onlined into the empty Normal zone: reproduce that with an unmovable page."""
         bid = int(block[len("memory"):])
-        blk = self.machine.blocks[bid]
-        if not (blk.unmovable or blk.reserved or blk.cma):  # nothing there that isolation refuses
+        m = self.machine
+        blk = m.blocks[bid]
+        on_pcp = sum(blk.allocs.get(a, 0) for a in m.pcp_lists)  # free pages on per-cpu lists
+        if not (blk.unmovable > on_pcp or blk.reserved or blk.cma):  # nothing there that isolation refuses
             self.machine.alloc("unmovable", self.machine.page_size, block_id=bid)
             self.pinned.append(block)
 
@@ -114,6 +129,8 @@ class Replayer:
             self.machine.plug(step.size, node=step.node or 0, dev_id=step.dimm_id)
         elif isinstance(step, HostDel):
             self.machine.unplug(step.dimm_id)
+        elif isinstance(step, HostResize):
+            self.machine.resize(step.device, step.requested)
         return []
 
     # -------------------------------------------------------------- comparison
@@ -169,8 +186,10 @@ class Replayer:
             if sorted(info.get("blocks", [])) != sorted(mine_blocks):
                 diffs.append(f"{slot} blocks: kernel {info.get('blocks')}, memfs {mine_blocks}")
         for name, text in dump.node_links.items():
+            # the memory block links (6.12+ also has a memory_failure/ directory there)
+            text = [n for n in text if re.fullmatch(r"memory\d+", n)]
             mine = sorted(n for n in resolve(self.tree, f"/sys/devices/system/node/{name}").names()
-                          if n.startswith("memory"))
+                          if re.fullmatch(r"memory\d+", n))
             if sorted(text) != mine:
                 diffs.append(f"{name} links: kernel {text}, memfs {mine}")
         diffs += self._check_uevents(dump)
@@ -180,12 +199,15 @@ class Replayer:
         """Same actions on the same devices in the same order; SEQNUMs consecutive alike."""
         mine = self.machine.events.since(self.seq0)
         self.seq0 = self.machine.events.seqnum
+        mine = [e for e in mine if not e.devpath.startswith(self.ignore_devpaths)]
+        kernel = [u for u in dump.uevents if u.get("SUBSYSTEM") in UEVENT_SUBSYSTEMS
+                  and not u["DEVPATH"].startswith(self.ignore_devpaths)]
         got = [(e.action, e.devpath) for e in mine]
-        want = [(u["ACTION"], u["DEVPATH"]) for u in dump.uevents]
+        want = [(u["ACTION"], u["DEVPATH"]) for u in kernel]
         if got != want:
             return [f"uevents: kernel {want}, memfs {got}"]
-        if dump.uevents:
-            k = [u["SEQNUM"] - dump.uevents[0]["SEQNUM"] for u in dump.uevents]
+        if kernel and not self.ignore_devpaths:
+            k = [u["SEQNUM"] - kernel[0]["SEQNUM"] for u in kernel]
             g = [e.seqnum - mine[0].seqnum for e in mine]
             if k != g:
                 return [f"uevent SEQNUM steps: kernel {k}, memfs {g}"]

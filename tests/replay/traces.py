@@ -65,6 +65,8 @@ __all__ = [
     "Write",
     "HostAdd",
     "HostDel",
+    "HostResize",
+    "VirtioMem",
     "WaitGone",
     "Waited",
     "Note",
@@ -95,7 +97,7 @@ DATA = Path(__file__).resolve().parent.parent / "conformance" / "data"
 EXPECTED: dict[str, tuple[str, ...]] = {
     "6.1": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force", "probe"),
     "6.12": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force"),
-    "7.2": ("a_memmap_on", "b_memmap_off", "f_virtio_mem"),
+    "7.2": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force"),
     "arm64-6.1": ("a_memmap_on", "b_memmap_off"),
 }
 KERNELS = tuple(EXPECTED)
@@ -354,6 +356,27 @@ class HostDel:
 
 
 @dataclass(frozen=True)
+class HostResize:
+    """QMP ``qom-set DEV requested-size N`` of a virtio-mem device: the guest's driver
+    plugs or unplugs memory blocks towards the new size."""
+
+    device: str
+    requested: int
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class VirtioMem:
+    """A cold-plugged ``-device virtio-mem-pci``: region size (its memdev) and the
+    requested size at boot."""
+
+    id: str
+    size: int
+    requested: int
+    node: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class WaitGone:
     """The guest polled (every 0.1 s, ``tenths`` times) until ``path`` vanished;
     ``gone`` False means it was still present at the time limit."""
@@ -483,7 +506,7 @@ class Dump:
         return out
 
 
-Step = Union[Write, HostAdd, HostDel, WaitGone, Waited, Note, Output, Listing, Marker, Dump]
+Step = Union[Write, HostAdd, HostDel, HostResize, WaitGone, Waited, Note, Output, Listing, Marker, Dump]
 
 
 @dataclass
@@ -494,6 +517,8 @@ class Trace:
     steps: list[Step]
     #: cold-plugged DIMMs from the QEMU argv, in order: [(dimm id, size in bytes)]
     cold_dimms: list[tuple[str, int]]
+    #: cold-plugged virtio-mem devices (QEMU argv)
+    cold_virtio_mem: list[VirtioMem]
     #: the guest script ran to the end (@@SCENARIO_DONE seen)
     completed: bool
     #: every @@HOST request verbatim, including ignored ones: [(tag, qmp dict)]
@@ -749,6 +774,21 @@ def _cold_dimms(argv: list[str]) -> tuple[list[tuple[str, int]], dict[str, Optio
     return dimms, nodes
 
 
+def _cold_virtio_mem(argv: list[str]) -> list[VirtioMem]:
+    backends: dict[str, int] = {}
+    out: list[VirtioMem] = []
+    for opt, val in zip(argv, argv[1:]):
+        o = _qemu_opts(val)
+        if opt == "-object" and (o.get("qom-type") or o.get("", "")).startswith("memory-backend") \
+                and "id" in o and "size" in o:
+            backends[o["id"]] = parse_size(o["size"])
+        elif opt == "-device" and (o.get("driver") or o.get("")) == "virtio-mem-pci":
+            out.append(VirtioMem(id=o.get("id", ""), size=backends[o["memdev"]],
+                                 requested=parse_size(o.get("requested-size", "0")),
+                                 node=int(o["node"]) if o.get("node", "") != "" else None))
+    return out
+
+
 def _mem_opts(argv: list[str]) -> tuple[Optional[int], Optional[int], Optional[int]]:
     for opt, val in zip(argv, argv[1:]):
         if opt == "-m":
@@ -846,6 +886,8 @@ def load_trace(name: str, kernel: str = "6.1") -> Trace:
                                      node=int(node) if node is not None else None, memdev=memdev, tag=tag))
             elif cmd == "device_del":
                 steps.append(HostDel(dimm_id=args["id"], tag=tag))
+            elif cmd == "qom-set" and args.get("property") == "requested-size":
+                steps.append(HostResize(device=args["path"], requested=parse_size(args["value"]), tag=tag))
             # query-*, object-del: no effect on the guest
         elif t == "waitgone":
             m = re.fullmatch(r"(\S+) (gone|still-present) tenths=(\d+)", ev["text"].strip())
@@ -880,4 +922,5 @@ def load_trace(name: str, kernel: str = "6.1") -> Trace:
             steps.append(Marker(kind=t, text=ev.get("text", "")))
 
     return Trace(name=tdir.name, path=tdir, header=header, steps=steps, cold_dimms=cold,
+                 cold_virtio_mem=_cold_virtio_mem(argv),
                  completed=completed, host_requests=host_requests, meta=meta, kernel=kernel)

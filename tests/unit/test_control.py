@@ -42,6 +42,9 @@ def call(h: control.Handler, obj) -> dict:
     (b'{"op": "plug", "size": "128M", "memmap_on_memory": 1}', errno.EINVAL, "must be bool"),
     (b'{"op": "plug", "size": "128M", "memmap_on_memory": true}', errno.EINVAL, "dax_kmem only"),
     (b'{"op": "unplug"}', errno.EINVAL, "'id' is required"),
+    (b'{"op": "plug", "size": "1G", "requested": "128M"}', errno.EINVAL, "virtio-mem size"),
+    (b'{"op": "resize", "id": "vm0"}', errno.EINVAL, "'size' is required"),
+    (b'{"op": "resize", "size": "128M"}', errno.EINVAL, "'id' is required"),
     (b'{"op": "alloc", "kind": "huge", "size": 4096}', errno.EINVAL, "kind must be"),
     (b'{"op": "alloc", "kind": "movable", "size": 4096, "node": 7}', errno.EINVAL, "node 7"),
     (b'{"op": "free", "id": "1"}', errno.EINVAL, "'id' must be int"),
@@ -92,6 +95,21 @@ def test_plug_unplug_alloc_free_events(m):
     r = call(h, {"op": "unplug", "id": "extra"})
     assert r["ok"] and r["blocks"] == ids
     assert "extra" not in m.devices and not any(i in m.blocks for i in ids)
+
+
+def test_plug_with_requested_then_resize(m):
+    h = control.Handler(m)
+    r = call(h, {"op": "plug", "size": "1G", "driver": "virtio_mem", "id": "vm0", "requested": "256M"})
+    assert r["ok"], r
+    d = r["device"]
+    assert (d["size"], d["requested"], d["plugged"]) == (1 << 30, 256 << 20, 256 << 20)
+    assert r["blocks"] == [{"id": 42, "state": "offline"}, {"id": 43, "state": "offline"}]
+    r = call(h, {"op": "resize", "id": "vm0", "size": "128M"})
+    assert r["ok"] and r["blocks"] == [{"id": 42, "state": "offline"}] and r["device"]["requested"] == 128 << 20
+    r = call(h, {"op": "resize", "id": "dimm1", "size": 0})
+    assert (r["ok"], r["errno"]) == (False, errno.EOPNOTSUPP) and "not a virtio-mem device" in r["error"]
+    r = call(h, {"op": "resize", "id": "vm0", "size": "2G"})
+    assert (r["ok"], r["code"]) == (False, "EINVAL") and "outside vm0's region" in r["error"]
 
 
 def test_kernel_allocations_cannot_be_freed(m):

@@ -1,7 +1,7 @@
 """Random hotplug sessions against the accounting invariants (hypothesis stateful testing).
 
-Every step is a plug (acpi / probe / virtio_mem / dax_kmem, 1-4 blocks, node 0 or 1), an
-online (every type, through `state` or `online`), an offline, an allocation (unmovable or
+Every step is a plug (acpi / probe / virtio_mem / dax_kmem, 1-4 blocks, node 0 or 1), a
+virtio-mem resize, an online (every type, through `state` or `online`), an offline, an allocation (unmovable or
 movable, placed or pinned to a block), a free, an unplug, a hwpoison, or a parameter change
 (online_policy, auto_online_blocks), on kernel profiles 5.13 / 6.1 / 6.6 / 6.12 with
 memmap_on_memory on, off or forced. After every step the counters are recomputed from
@@ -165,6 +165,23 @@ class HotplugSession(RuleBasedStateMachine):
         else:
             assert not any(b in self.m.blocks for b in blocks)
 
+    @precondition(lambda self: self.m is not None and any(d.driver == "virtio_mem" for d in self.m.devices.values()))
+    @rule(data=st.data(), nblocks=st.integers(0, 6))
+    def resize(self, data, nblocks):
+        """The hypervisor changes a virtio-mem device's requested size; a shrink that stops at
+        a busy block (EBUSY) keeps what it removed, and the request."""
+        dev = self.m.devices[data.draw(st.sampled_from(sorted(d.id for d in self.m.devices.values()
+                                                               if d.driver == "virtio_mem")))]
+        size = min(nblocks * self.m.block_size, dev.size)
+        before = set(dev.block_ids)
+        self.attempt(self.m.resize, dev.id, size, may_change_on_error=True)
+        assert dev.requested == size
+        plugged = self.m.virtio_mem_plugged_size(dev)
+        if plugged > size:  # only a refused shrink leaves more than requested, never more than before
+            assert set(dev.block_ids) <= before
+        elif plugged < size:  # growing stops only at the offline threshold (or no RAM for a memmap)
+            assert set(dev.block_ids) >= before
+
     @precondition(lambda self: self.m is not None)
     @rule(data=st.data(), soft=st.booleans(), page=st.integers(0, 32767))
     def poison(self, data, soft, page):
@@ -227,6 +244,19 @@ class HotplugSession(RuleBasedStateMachine):
                     assert (z.start_pfn, z.end_pfn) == (lo, hi), (z.name, z.start_pfn, z.end_pfn, lo, hi)
             assert node.present == sum(z.present for z in node.zones)
             assert node.has_memory() == (node.present > 0)
+
+    @invariant()
+    def virtio_mem_blocks_lie_in_their_region(self):
+        m = self.m
+        if m is None:
+            return
+        for d in m.devices.values():
+            assert d.block_ids == sorted(d.block_ids)
+            for b in d.block_ids:
+                assert m.blocks[b].device is d
+                assert d.start <= b * m.block_size < d.start + d.size
+            if d.driver == "virtio_mem":
+                assert 0 <= d.requested <= d.size
 
     @invariant()
     def zone_used_is_allocations_plus_poison(self):

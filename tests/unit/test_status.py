@@ -10,8 +10,9 @@ TOP_KEYS = {"schema", "version", "kernel", "arch", "page_size", "block_size", "a
 BLOCK_KEYS = {"id", "start", "size", "state", "online", "node", "nodes", "zones", "valid_zones", "device",
               "boot", "memmap_on_memory", "vmemmap_pages", "present_pages", "reserved_pages",
               "unmovable_pages", "movable_pages", "hwpoison_pages", "free_pages"}
-ZONE_KEYS = {"name", "start_pfn", "spanned", "present", "managed", "vmemmap", "used", "free"}
-DEVICE_KEYS = {"id", "driver", "start", "size", "range", "node", "slot", "blocks", "memmap_on_memory"}
+ZONE_KEYS = {"name", "start_pfn", "spanned", "present", "managed", "vmemmap", "used", "free", "pcp"}
+DEVICE_KEYS = {"id", "driver", "start", "size", "range", "node", "slot", "blocks", "memmap_on_memory",
+               "requested", "plugged"}
 
 
 def test_snapshot_keys():
