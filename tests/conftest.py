@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.reliability_support import write_figures
+from tests.support.reliability import write_figures
 
 
 @pytest.fixture(scope="module")

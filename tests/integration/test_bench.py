@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fusehelpers import fuse_unavailable
+from tests.support.fuse import fuse_unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 _WHY = fuse_unavailable()

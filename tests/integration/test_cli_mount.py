@@ -127,7 +127,7 @@ def test_live_memfs_without_daemon_lock_is_refused(tmp_path):
     """A memfs mount that is not ours (here: the test helper's) is live: refused, not stacked."""
     from memfs.machine.hotplug import Machine
     from memfs.sysfs.tree import build_tree
-    from tests.fusehelpers import mounted
+    from tests.support.fuse import mounted
     with mounted(lambda: build_tree(Machine.from_config()), tmp_path) as mnt:
         r = memfs_cli("mount", str(mnt.path))
         assert r.returncode == 1 and "already mounted (a live memfs)" in r.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from memfs.pytest_plugin import memfs_cli
-from tests.sysdump import LSMEM_OPTION_SETS, attribute_files, copy_sysroot, dump_from_trace, trace_dumps
+from tests.support.sysdump import LSMEM_OPTION_SETS, attribute_files, copy_sysroot, dump_from_trace, trace_dumps
 
 pytestmark = pytest.mark.skipif(shutil.which("lsmem") is None, reason="lsmem (util-linux) is not installed")
 

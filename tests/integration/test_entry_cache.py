@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for fusehelpers
-
-from fusehelpers import Mount, errno_of, fuse_unavailable, mounted  # noqa: E402
-
-from memfs.fuse import kernel_has_epoch  # noqa: E402
-from memfs.sysfs.kernfs import Dir, DynDir, Tree, attr_ro, attr_wo  # noqa: E402
+from memfs.fuse import kernel_has_epoch
+from memfs.sysfs.kernfs import Dir, DynDir, Tree, attr_ro, attr_wo
+from tests.support.fuse import Mount, errno_of, fuse_unavailable, mounted
 
 _WHY = fuse_unavailable()
 pytestmark = [

@@ -1,7 +1,7 @@
 """The page-cache fast path (memfs/fuse.py, issue 9): never a stale read, no upcall for an
 unchanged attribute, and no deadlock between writes and the invalidations they cause.
 
-The daemon side runs in this process (fusehelpers' thread mode) with the same wiring as
+The daemon side runs in this process (tests.support.fuse's thread mode) with the same wiring as
 `memfs mount`: build_tree(Machine), watch_machine() and the control Handler whose ops run
 inside the invalidator's collect().  Every change path is exercised: a write to the file
 read, a write to another block, the control ops plug/unplug/alloc/free, a parameter write
@@ -30,7 +30,7 @@ from memfs.machine.hotplug import Machine
 from memfs.sysfs.changes import watch_machine
 from memfs.sysfs.kernfs import Attr, DirNode, Tree
 from memfs.sysfs.tree import build_tree
-from tests.fusehelpers import Mount, errno_of, fuse_unavailable, mounted
+from tests.support.fuse import Mount, errno_of, fuse_unavailable, mounted
 
 _WHY = fuse_unavailable()
 pytestmark = [

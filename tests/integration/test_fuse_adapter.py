@@ -1,6 +1,6 @@
 """The fusepy adapter (memfs.fuse) mounted for real, exercised with real programs.
 
-A toy kernfs tree is served by a forked daemon (tests/fusehelpers.py).  Its
+A toy kernfs tree is served by a forked daemon (tests/support/fuse.py).  Its
 state (what store() received, the alive flag) is observed and driven through
 control attributes of the mount itself: `_log`, `_kill`, `_names_calls`.
 """
@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,11 +21,15 @@ from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for fusehelpers
-
-from fusehelpers import Mount, errno_of, fuse_unavailable, mount_options, mounted, run  # noqa: E402
-
-from memfs.sysfs.kernfs import Attr, Dir, DynDir, Link, Tree, attr_ro, attr_rw, attr_wo  # noqa: E402
+from memfs.sysfs.kernfs import Attr, Dir, DynDir, Link, Tree, attr_ro, attr_rw, attr_wo
+from tests.support.fuse import (
+    Mount,
+    errno_of,
+    fuse_unavailable,
+    mount_options,
+    mounted,
+    run,
+)
 
 _WHY = fuse_unavailable()
 pytestmark = [

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from memfs import control
 from memfs.status import snapshot
-from tests.reliability_support import (Reference, count, daemon, env_int, invariants, log_problems,
+from tests.support.reliability import (Reference, count, daemon, env_int, invariants, log_problems,
                                        writable_files, pwrite)
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)"),

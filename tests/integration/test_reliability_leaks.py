@@ -20,7 +20,7 @@ import time
 import psutil
 import pytest
 
-from tests.reliability_support import count, daemon, env_int, invariants, log_problems
+from tests.support.reliability import count, daemon, env_int, invariants, log_problems
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)"),
               pytest.mark.usefixtures("reliability_figures")]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from memfs import control
-from tests.fusehelpers import AS_NOBODY
-from tests.reliability_support import count, daemon, log_problems
+from tests.support.fuse import AS_NOBODY
+from tests.support.reliability import count, daemon, log_problems
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, setpriv)"),
               pytest.mark.usefixtures("reliability_figures")]

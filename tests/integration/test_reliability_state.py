@@ -26,7 +26,7 @@ import pytest
 from memfs import persist
 from memfs.daemon import FSTYPE, mounts_at
 from memfs.machine.config import load_config
-from tests.reliability_support import (Reference, count, daemon, env_int, invariants, log_problems,
+from tests.support.reliability import (Reference, count, daemon, env_int, invariants, log_problems,
                                        pwrite)
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, allow_other, /run/memfs)"),

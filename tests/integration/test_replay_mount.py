@@ -23,8 +23,8 @@ import pytest
 
 import sys
 
-from tests.fusehelpers import fuse_unavailable
-from tests.replay.traces import (
+from tests.support.fuse import fuse_unavailable
+from tests.conformance.traces import (
     TRACE_A, TRACE_B, Dump, HostAdd, HostDel, Write, _parse_meminfo, _parse_zoneinfo,
     errno_from_strerror, load_trace,
 )
@@ -145,12 +145,12 @@ def test_trace_through_memfs_mount_with_the_shell(kernel, name, tmp_path):
 
 
 ARM64_MACHINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "replay", "machines", "arm64-virt-6.1.toml")
+                             "conformance", "machines", "arm64-virt-6.1.toml")
 
 
 @pytest.mark.parametrize("name", [TRACE_A, TRACE_B])
 def test_arm64_trace_through_memfs_mount_with_the_shell(name, tmp_path):
-    """The arm64 guest (tests/replay/machines/arm64-virt-6.1.toml) with the trace's three
+    """The arm64 guest (tests/conformance/machines/arm64-virt-6.1.toml) with the trace's three
     cold-plugged DIMMs: no pinning, every EBUSY comes from the description (CMA, kernel
     pages). busybox's printf failed one write without a message; bash's names EINVAL."""
     trace = load_trace(name, kernel="arm64-6.1")

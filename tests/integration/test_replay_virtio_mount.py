@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from tests.fusehelpers import fuse_unavailable
+from tests.support.fuse import fuse_unavailable
 from tests.integration.test_replay_mount import compare, memfs, shell_write
-from tests.replay.traces import HostResize, Write, load_trace
+from tests.conformance.traces import HostResize, Write, load_trace
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()), reason=fuse_unavailable() or "")
 

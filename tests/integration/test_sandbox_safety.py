@@ -1,6 +1,6 @@
 """Each safety check of memfs.sandbox refuses when its condition is broken, and the
 sandbox leaves nothing behind. Every mount here is either a test-local FUSE mount
-(tests/fusehelpers.py) or inside a private mount namespace of a child process."""
+(tests/support/fuse.py) or inside a private mount namespace of a child process."""
 from __future__ import annotations
 
 import fcntl
@@ -22,8 +22,8 @@ from memfs.sandbox.enter import ENTRY as ENTER_ENTRY
 from memfs.sandbox.libc import SIOCGSKNS
 from memfs.sysfs.tree import build_tree
 from memfs.testing.mount import memfs_cli
-from tests.fusehelpers import fuse_unavailable, mounted
-from tests.waiting import wait_for
+from tests.support.fuse import fuse_unavailable, mounted
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or ""),

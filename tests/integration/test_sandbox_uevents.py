@@ -24,8 +24,8 @@ from memfs.sandbox import MachineSandbox, Sandbox
 from memfs.sysfs.tree import build_tree
 from memfs.testing.machine import memfs_machine_cm
 from memfs.testing.mount import fuse_unavailable
-from tests.fusehelpers import mounted
-from tests.waiting import wait_for
+from tests.support.fuse import mounted
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or ""),

@@ -31,7 +31,7 @@ from typing import Iterator
 import pytest
 
 from memfs.machine.config import default_text
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("MEMFS_NSPAWN_CACHE", "/var/tmp/memfs-nspawn"))

@@ -13,7 +13,7 @@ import pytest
 from memfs.machine.config import ConfigError, default_text, from_dict, parse_block_list
 from memfs.machine.hotplug import Machine
 from memfs.status import snapshot
-from tests.unit.sysroot import MEM, Sysroot
+from tests.support.sysroot import MEM, Sysroot
 
 DEFAULT = tomllib.loads(default_text())
 

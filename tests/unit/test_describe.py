@@ -17,8 +17,8 @@ from memfs.describe import describe, profile_for_release
 from memfs.machine.config import from_dict
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.tree import build_tree
-from tests.sysdump import CONFORMANCE, attribute_files, dump_from_trace, dump_tree, trace_dumps
-from tests.unit.sysroot import MEM, Sysroot, machine
+from tests.support.sysdump import CONFORMANCE, attribute_files, dump_from_trace, dump_tree, trace_dumps
+from tests.support.sysroot import MEM, Sysroot, machine
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -103,7 +103,7 @@ def _plugged(m: Machine, size: str, driver: str, memmap: bool = False, offline: 
 
 
 def _two_nodes() -> Machine:
-    from tests.unit.sysroot import memoryless_node1_machine
+    from tests.support.sysroot import memoryless_node1_machine
     m = memoryless_node1_machine()
     m.plug(256 * MiB, node=1, driver="acpi")
     return writes(m, ("32", "online_movable"), ("33", "online_kernel"))

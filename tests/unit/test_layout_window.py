@@ -14,7 +14,7 @@ import pytest
 from memfs.machine.config import ConfigError, from_dict, load_config
 from memfs.machine.hotplug import Machine
 
-from .sysroot import Sysroot
+from tests.support.sysroot import Sysroot
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 

@@ -15,7 +15,7 @@ from memfs.machine.config import from_dict
 from memfs.machine.hotplug import Machine
 from memfs.machine.zones import arm64_zone_limits
 
-from .sysroot import Sysroot
+from tests.support.sysroot import Sysroot
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 PAGE = 4096

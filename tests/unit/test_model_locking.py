@@ -8,7 +8,7 @@ import pytest
 
 from memfs.machine.hotplug import MMOP_ONLINE, Machine
 from memfs.machine.lockdep import LockNotHeld, lockdep_assert_held
-from tests.unit.sysroot import machine as default_machine
+from tests.support.sysroot import machine as default_machine
 
 MiB = 1 << 20
 

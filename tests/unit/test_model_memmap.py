@@ -16,7 +16,7 @@ from memfs.machine.config import from_dict, load_config
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.tree import build_tree
 
-from .sysroot import memoryless_node1_machine
+from tests.support.sysroot import memoryless_node1_machine
 
 MEM = "/sys/devices/system/memory"
 MiB, GiB = 1 << 20, 1 << 30

@@ -13,7 +13,7 @@ import pytest
 from memfs.machine.blocks import MMOP_OFFLINE, MMOP_ONLINE_MOVABLE
 from memfs.machine.hotplug import Machine
 
-from .sysroot import Sysroot, machine
+from tests.support.sysroot import Sysroot, machine
 
 MEM = "/sys/devices/system/memory"
 

@@ -4,7 +4,7 @@ virtio_mem_sbm_plug_request() (unused blocks bottom-up, VIRTIO_MEM_DEFAULT_OFFLI
 virtio_mem_sbm_unplug_request() (offline blocks, then ZONE_MOVABLE, then kernel zones, each
 top-down; busy blocks are kept), virtio_mem_memory_notifier_cb(MEM_ONLINE) (retry once half
 the threshold is free), memory_group_register_dynamic() (one memory block per unit).
-The f_virtio_mem traces (tests/replay) check the same against real kernels.
+The f_virtio_mem traces (tests/conformance) check the same against real kernels.
 """
 from __future__ import annotations
 

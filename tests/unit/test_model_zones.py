@@ -13,7 +13,7 @@ import pytest
 from memfs.machine.config import from_dict
 from memfs.machine.hotplug import Machine
 
-from .sysroot import Sysroot, machine
+from tests.support.sysroot import Sysroot, machine
 
 MEM = "/sys/devices/system/memory"
 PARAMS = "/sys/module/memory_hotplug/parameters"

@@ -12,7 +12,7 @@ from memfs.machine.config import ConfigError, from_dict
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.node import bitmap_mask
 
-from .sysroot import Sysroot, memoryless_node1_machine
+from tests.support.sysroot import Sysroot, memoryless_node1_machine
 
 NODE = "/sys/devices/system/node"
 MiB = 1 << 20

@@ -14,7 +14,7 @@ import pytest
 from memfs.machine.hotplug import Machine
 from memfs.sysfs.kernfs import Attr
 
-from .sysroot import Sysroot, machine, memoryless_node1_machine
+from tests.support.sysroot import Sysroot, machine, memoryless_node1_machine
 
 MEM = "/sys/devices/system/memory"
 NODE = "/sys/devices/system/node"

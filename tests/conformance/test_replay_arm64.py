@@ -1,7 +1,7 @@
 """Replay the arm64 reference traces (Debian 6.1.0-57-arm64, QEMU virt, 1 GiB at 0x40000000,
 tests/conformance/data/arm64-6.1) through the model, dump by dump, exactly.
 
-The machine is tests/replay/machines/arm64-virt-6.1.toml: RAM, the firmware's nomap
+The machine is tests/conformance/machines/arm64-virt-6.1.toml: RAM, the firmware's nomap
 regions, the CMA area and the kernel pages at the bottom of RAM as the trace shows them.
 What the trace holds and the model must give: every block DMA (ZONE_DMA is all RAM below
 4 GiB, arch/arm64/mm/init.c max_zone_phys()); DMA32, Normal and Movable empty; offlining

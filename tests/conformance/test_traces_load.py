@@ -1,4 +1,4 @@
-"""Sanity tests of tests/replay/traces.py on the reference traces shipped in
+"""Sanity tests of tests/conformance/traces.py on the reference traces shipped in
 tests/conformance/data. Missing data fails these tests: it is never a skip.
 """
 import errno

@@ -178,7 +178,7 @@ class Reference:
 
     def resolve(self, rel: str) -> Any:
         """The node at MNT-relative path ``rel``, following symlinks like the VFS."""
-        from tests.replay.replayer import resolve
+        from tests.conformance.replayer import resolve
         return resolve(self.tree, "/" + rel.lstrip("/"))
 
     def write(self, rel: str, data: bytes) -> int | None:

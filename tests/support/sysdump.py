@@ -203,7 +203,7 @@ def attribute_files(root: str | os.PathLike[str]) -> dict[str, str]:
 
 
 
-CONFORMANCE = Path(__file__).resolve().parent / "conformance" / "data"
+CONFORMANCE = Path(__file__).resolve().parents[1] / "conformance" / "data"
 
 
 def trace_dumps(kernel: str, scenario: str) -> tuple[dict[str, str], list[dict]]:

@@ -92,7 +92,7 @@ ACPI = "/sys/bus/acpi/devices"
 # --------------------------------------------------------------------------
 
 #: the conformance data shipped with memfs
-DATA = Path(__file__).resolve().parent.parent / "conformance" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 #: every kernel recorded, and the scenarios the repository must hold for it
 EXPECTED: dict[str, tuple[str, ...]] = {
     "6.1": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force", "probe"),

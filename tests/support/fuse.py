@@ -2,7 +2,7 @@
 
 Typical use::
 
-    from fusehelpers import mounted, fuse_unavailable
+    from tests.support.fuse import mounted, fuse_unavailable
 
     pytestmark = pytest.mark.skipif(bool(fuse_unavailable()), reason=fuse_unavailable() or "")
 
