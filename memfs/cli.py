@@ -305,6 +305,33 @@ def cmd_events(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- describe
+
+def cmd_describe(a: argparse.Namespace) -> int:
+    """Read a machine (read-only) and write its machine description."""
+    sys.dont_write_bytecode = True  # describe writes its output file and nothing else
+    from .describe import DescribeError, describe
+    try:
+        d = describe(a.sysroot, kernel=a.kernel, arch=a.arch)
+    except DescribeError as e:
+        raise Fail(EXIT_USAGE, str(e)) from None
+    except OSError as e:
+        raise Fail(EXIT_ERROR, f"cannot read {a.sysroot}: {e.strerror or e}") from None
+    if a.output in (None, "-"):
+        sys.stdout.write(d.text)
+    else:
+        try:
+            with open(a.output, "w") as f:
+                f.write(d.text)
+        except OSError as e:
+            raise Fail(EXIT_ERROR, f"cannot write {a.output}: {e.strerror or e}") from None
+    for diff in d.differences[:10]:
+        err(f"not reproduced: {diff}")
+    if len(d.differences) > 10:
+        err(f"... and {len(d.differences) - 10} more (listed at the end of the description)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- parser
 
 EPILOG = """exit codes: 0 ok, 1 error, 2 usage or machine-description error,
@@ -401,6 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", type=float, default=0, metavar="S",
                     help="wait up to S seconds (at most 60) for an event after N")
     sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("describe", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                        help="write the machine description of this machine (or of a sysfs dump)",
+                        description="Read a machine's memory sysfs, read-only, and write a machine description "
+                                    "that `memfs mount MNT --config FILE` serves as the same tree: block size, "
+                                    "RAM ranges, nodes, hot-plugged DIMMs, every block's state and zone, "
+                                    "auto_online_blocks, memory_hotplug parameters, kernel profile. Attributes "
+                                    "memfs would read differently are listed on stderr and in the file.")
+    sp.set_defaults(fn=cmd_describe)
+    sp.add_argument("--sysroot", default="/", metavar="DIR",
+                    help="a directory holding sys/devices/system/memory (and optionally sys/devices/system/"
+                         "node, sys/module/memory_hotplug, sys/firmware/memmap, proc/zoneinfo, proc/iomem, "
+                         "proc/sys/kernel/{osrelease,arch}, proc/cmdline); default: this machine, /")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write the description to FILE (default: stdout)")
+    sp.add_argument("--kernel", metavar="V",
+                    help="kernel profile or release, e.g. 6.1 or 6.12.117+deb13-amd64 (default: the newest "
+                         "profile not newer than the machine's release)")
+    from .machine.profiles import ARCHES
+    sp.add_argument("--arch", choices=list(ARCHES), metavar="ARCH",
+                    help="the machine's arch and page size, for dumps without proc/sys/kernel/arch: "
+                         + ", ".join(ARCHES))
 
     add_commands(cmd)  # sandbox hook: memfs exec / udevd / monitor (memfs/sandbox/cli.py)
     return p

@@ -207,15 +207,20 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
             from .persist import DescriptionMismatch, StateError, StateFile
             try:
                 state_file = StateFile.open(state, cfg)
-            except StateError as e:
-                code = 2 if isinstance(e, DescriptionMismatch) else 1
+            except (StateError, ConfigError) as e:  # ConfigError: a [[state]] entry cannot be applied
+                code = 2 if isinstance(e, (DescriptionMismatch, ConfigError)) else 1
                 ready.error(code, str(e))
                 log.error("%s", e)
                 return code
             machine = state_file.machine
             state = state_file.path
         else:
-            machine = Machine(cfg)
+            try:
+                machine = Machine(cfg)
+            except ConfigError as e:  # a [[state]] entry the machine refuses (memory hotplug says why)
+                ready.error(2, str(e))
+                log.error("%s", e)
+                return 2
         tree = build_tree(machine)
         prepare_mountpoint(mnt)
         info: dict[str, Any] = {"mountpoint": mnt, "pid": os.getpid(), "control_socket": paths["sock"],

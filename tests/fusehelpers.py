@@ -28,7 +28,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -30,6 +30,17 @@ def _unit_lines(unit: Path = UNIT) -> dict[str, list[str]]:
     return out
 
 
+def unit_command(line: str, env_vars: dict[str, str]) -> list[str]:
+    """``python -m memfs ...`` for an Exec line of the unit, expanded as systemd does:
+    ``${VAR}`` is one word, ``$VAR`` is split into words (none when empty)
+    (systemd.service(5), "Command lines")."""
+    line = re.sub(r"\$\{(\w+)\}", lambda m: env_vars[m.group(1)], line)
+    line = re.sub(r"\$(\w+)", lambda m: env_vars.get(m.group(1), ""), line)
+    words = line.split()
+    assert words[0] == "/usr/local/bin/memfs"
+    return [sys.executable, "-m", "memfs", *words[1:]]
+
+
 def test_unit_content():
     u = _unit_lines()
     assert u["Type"] == ["notify"]
@@ -67,6 +78,7 @@ def test_udevd_unit_content():
     assert u["RestrictNamespaces"] == ["user mnt net pid"]
     assert u["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
     assert u["CapabilityBoundingSet"] == [""]   # none (test_systemd_nspawn.py runs it so)
+    assert u["RestartPreventExitStatus"] == ["125"]   # memfs udevd: no sandbox to run in
 
 
 @pytest.mark.parametrize("unit", [UNIT, UDEVD_UNIT], ids=lambda p: p.name)
@@ -113,20 +125,12 @@ def test_unit_command_lines_work_like_systemd_runs_them():
                 "MEMFS_STATE": str(base / "lab.state")}
     Path(env_vars["MEMFS_CONFIG"]).write_text(default_text())
 
-    def argv(line: str) -> list[str]:
-        line = re.sub(r"\$\{(\w+)\}", lambda m: env_vars[m.group(1)], line)
-        # "$VAR" unbraced: split into words, none when empty (systemd.service, "Command lines")
-        line = re.sub(r"\$(\w+)", lambda m: env_vars.get(m.group(1), ""), line)
-        words = line.split()
-        assert words[0] == "/usr/local/bin/memfs"
-        return [sys.executable, "-m", "memfs", *words[1:]]
-
     proc = None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
             ns.bind(str(base / "notify"))
             ns.settimeout(30)
-            proc = subprocess.Popen(argv(u["ExecStart"][0]), env=dict(os.environ, NOTIFY_SOCKET=str(base / "notify")),
+            proc = subprocess.Popen(unit_command(u["ExecStart"][0], env_vars), env=dict(os.environ, NOTIFY_SOCKET=str(base / "notify")),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     text=True)
             msg = ns.recv(4096).decode()
@@ -134,7 +138,7 @@ def test_unit_command_lines_work_like_systemd_runs_them():
                 proc.kill()
                 pytest.fail(f"no READY=1 but {msg!r}; daemon said:\n{proc.communicate(timeout=10)[1]}")
             assert (Path(env_vars["MEMFS_MOUNT"]) / "sys/devices/system/memory/memory32").is_dir()
-            stop = subprocess.run(argv(u["ExecStop"][0]), capture_output=True, text=True, timeout=60)
+            stop = subprocess.run(unit_command(u["ExecStop"][0], env_vars), capture_output=True, text=True, timeout=60)
             assert stop.returncode == 0, stop.stderr
             assert proc.wait(30) == 0
         assert mounts_at(env_vars["MEMFS_MOUNT"]) == [] or FSTYPE not in mounts_at(env_vars["MEMFS_MOUNT"])

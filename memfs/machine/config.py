@@ -105,6 +105,20 @@ class DimmConfig:
     addr: int | None = None
     driver: str = "acpi"
     requested: int = 0  # virtio-mem: the size plugged at boot (size is the device region)
+    slot: int | None = None  # ACPI: the PNP0C80 instance (memoryN/firmware_node); None: first free
+
+
+@dataclass
+class StateConfig:
+    """One ``[[state]]`` entry: what was written to these blocks' ``state`` files after boot.
+
+    Applied at mount in file order through the model's own online/offline paths
+    (drivers/base/memory.c state_store() -> memory_block_change_state()), so zones,
+    spans and accounting come out as if a udev rule or an admin had made the writes.
+    """
+    blocks: list[int]
+    state: str  # offline, online, online_kernel, online_movable (the word written)
+    zone: str | None = None  # online only: the zone the blocks must end up in (checked)
 
 
 @dataclass
@@ -128,6 +142,7 @@ class MachineConfig:
     boot: BootConfig = field(default_factory=BootConfig)
     nodes: list[NodeConfig] = field(default_factory=list)
     dimms: list[DimmConfig] = field(default_factory=list)
+    states: list[StateConfig] = field(default_factory=list)
     reserves: list[ReserveConfig] = field(default_factory=list)
 
     @property
@@ -140,12 +155,14 @@ class MachineConfig:
 
 
 _TOP_KEYS = {"kernel", "arch", "struct_page_size", "block_size", "hypervisor", "probe", "offline_latency_ms",
-             "acpi_memory_hotplug", "dma_limit", "hotplug", "boot", "node", "dimm", "reserve"}
+             "acpi_memory_hotplug", "dma_limit", "hotplug", "boot", "node", "dimm", "reserve", "state"}
 _HOTPLUG_KEYS = {"base", "size", "slots"}
 _BOOT_KEYS = set(BootConfig.__dataclass_fields__)
 _NODE_KEYS = {"id", "ram", "nomap", "reserved", "used", "cpus", "distance"}
 _RESERVE_KEYS = {"range", "kind"}
-_DIMM_KEYS = {"id", "size", "node", "addr", "driver", "requested"}
+_DIMM_KEYS = {"id", "size", "node", "addr", "driver", "requested", "slot"}
+_STATE_KEYS = {"blocks", "state", "zone"}
+ZONE_NAMES = ("DMA", "DMA32", "Normal", "Movable")
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -264,6 +281,7 @@ def from_dict(raw: dict[str, Any]) -> MachineConfig:
     if not cfg.nodes:
         raise ConfigError("node: at least one [[node]] with boot RAM is needed, e.g. ram = [\"0x100000-0x40000000\"]")
     cfg.dimms = [_dimm(d, i) for i, d in enumerate(raw.get("dimm", []))]
+    cfg.states = [_state(t, i) for i, t in enumerate(raw.get("state", []))]
     cfg.reserves = [_reserve(r, i) for i, r in enumerate(raw.get("reserve", []))]
     validate(cfg)
     return cfg
@@ -361,7 +379,50 @@ def _dimm(t: dict, i: int) -> DimmConfig:
             raise ConfigError(f"{where}requested: only a virtio-mem device (driver = \"virtio_mem\") has a "
                               f"requested size; other devices are plugged whole")
         d.requested = parse_size(t["requested"], where + "requested")
+    if "slot" in t:
+        d.slot = _int(t["slot"], where + "slot")
+        if d.driver != "acpi":
+            raise ConfigError(f"{where}slot: only ACPI DIMMs (driver = \"acpi\") sit in a slot")
     return d
+
+
+def parse_block_list(value: Any, key: str) -> list[int]:
+    """Block ids: ``32``, ``[32, 33]`` or lsmem's BLOCK column ``"0-7,32-41"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in value):
+        return list(value)
+    if isinstance(value, str) and value.strip():
+        ids: list[int] = []
+        for part in value.split(","):
+            a, sep, b = part.strip().partition("-")
+            if not a.isdigit() or (sep and not b.isdigit()) or (sep and int(b) < int(a)):
+                break
+            ids.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+        else:
+            return ids
+    raise ConfigError(f"{key}: expected block ids like 32, [32, 33] or \"0-7,32-41\", got {value!r}")
+
+
+def _state(t: dict, i: int) -> StateConfig:
+    where = f"state[{i}]."
+    _check_keys(t, _STATE_KEYS, where)
+    if "blocks" not in t or "state" not in t:
+        raise ConfigError(f"{where[:-1]}: every [[state]] needs blocks and state, "
+                          f"e.g. blocks = \"32-33\" and state = \"online_movable\"")
+    st = StateConfig(blocks=parse_block_list(t["blocks"], where + "blocks"), state=str(t["state"]))
+    if st.state not in ONLINE_TYPES:
+        raise ConfigError(f"{where}state: one of {', '.join(ONLINE_TYPES)} (the word written to memoryN/state)")
+    if "zone" in t:
+        st.zone = str(t["zone"])
+        if st.zone not in ZONE_NAMES:
+            raise ConfigError(f"{where}zone: one of {', '.join(ZONE_NAMES)}")
+        if st.state == "offline":
+            raise ConfigError(f"{where}zone: only for blocks that go online (an offline block has no zone)")
+        if (st.state == "online_movable") != (st.zone == "Movable"):
+            raise ConfigError(f"{where}zone: {st.state} cannot put a block into {st.zone}")
+    return st
 
 
 def _reserve(t: dict, i: int) -> ReserveConfig:
@@ -516,6 +577,15 @@ def validate(cfg: MachineConfig) -> None:
                               f"no larger than size {d.size:#x} (the virtio-mem region)")
     if len([d for d in cfg.dimms if d.driver == "acpi"]) > cfg.slots:
         raise ConfigError(f"hotplug.slots: {cfg.slots} slots cannot hold the {len(cfg.dimms)} ACPI DIMMs")
+    taken: dict[int, str] = {}
+    for d in cfg.dimms:
+        if d.slot is None:
+            continue
+        if not 0 <= d.slot < cfg.slots:
+            raise ConfigError(f"dimm {d.id!r}: slot {d.slot} is not one of the {cfg.slots} slots (0-{cfg.slots - 1})")
+        if d.slot in taken:
+            raise ConfigError(f"dimm {d.id!r}: slot {d.slot} holds {taken[d.slot]!r} already")
+        taken[d.slot] = d.id
     spans.sort()
     for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
         if s2 < e1:

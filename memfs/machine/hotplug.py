@@ -23,7 +23,7 @@ from .blocks import (
     MEM_GOING_OFFLINE, MEM_OFFLINE, MEM_ONLINE, MMOP_OFFLINE, MMOP_ONLINE, MMOP_ONLINE_KERNEL,
     MMOP_ONLINE_MOVABLE, ONLINE_TYPE_NAMES, HotplugDevice, MemoryBlock, MemoryGroup,
 )
-from .config import MachineConfig, load_config
+from .config import ConfigError, MachineConfig, StateConfig, load_config
 from .events import EventLog
 from .lockdep import lockdep_assert_held
 from .zones import ZONE_MOVABLE, ZONE_NORMAL, Node, Zone, arm64_zone_limits, make_zones
@@ -202,6 +202,13 @@ class Machine:
             self._reserve(self.nodes[n.id], n.reserved >> self.page_shift, low=False)
         for zone in self._all_zones():
             zone.managed = zone.present - zone.reserved_boot
+        # Boot blocks that the description takes offline go first: memfs places the booted
+        # kernel's `used` pages from the top of each node down, and a block that is offline
+        # on the described machine holds none of them.
+        early = [(i, st, [b for b in st.blocks if st.state == "offline" and b in self.blocks])
+                 for i, st in enumerate(self.cfg.states)]
+        for i, st, bids in early:
+            self._apply_state(i, st, bids)
         # Boot blocks' `add` events went out before any listener existed (userspace
         # replays them by coldplug): they use up SEQNUMs but are not kept.
         self.events.seqnum += len(self.blocks)
@@ -216,10 +223,39 @@ class Machine:
                          if b.nid == n.id and b.free > 0]
                 self.allocator.allocate(_alloc.UNMOVABLE, pages, n.id, label="kernel", order=order)
         for d in self.cfg.dimms:
-            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver,
+            self.plug(d.size, node=d.node, addr=d.addr, dev_id=d.id, driver=d.driver, slot=d.slot,
                       requested=d.requested if d.driver == "virtio_mem" else None)
         self.booted = True  # from here on, plugs are runtime hot-adds
+        for (i, st, done) in early:
+            self._apply_state(i, st, [b for b in st.blocks if b not in done])
         self.generation = 0
+
+    def _apply_state(self, i: int, st: StateConfig, bids: list[int]) -> None:
+        """One [[state]] entry: `st.state` written to each block's `state`, as state_store()
+        would take it, unless the block is in that state (and zone) already."""
+        with self.lock:  # as the writes to memoryN/state take it (lock_device_hotplug_sysfs)
+            want = ONLINE_TYPE_NAMES.index(st.state)
+            for bid in bids:
+                mem = self.blocks.get(bid)
+                if mem is None:
+                    raise ConfigError(f"state[{i}].blocks: memory{bid} does not exist on this machine "
+                                      f"(it has memory{min(self.blocks)} to memory{max(self.blocks)}, with holes)")
+                try:
+                    if want == MMOP_OFFLINE:
+                        self.device_offline(mem)
+                    else:
+                        if mem.state == MEM_ONLINE and st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                            self.device_offline(mem)  # auto-onlined into another zone: move it
+                        if mem.state != MEM_ONLINE:
+                            mem.online_type = want
+                            self.device_online(mem)
+                except OSError as e:
+                    raise ConfigError(f"state[{i}]: writing {st.state} to memory{bid}/state fails "
+                                      f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}); "
+                                      f"change the [[state]] entry or the machine") from None
+                if st.zone is not None and (mem.zone is None or mem.zone.name != st.zone):
+                    got = mem.zone.name if mem.zone is not None else "several zones"
+                    raise ConfigError(f"state[{i}]: memory{bid} goes online in {got}, not {st.zone}")
 
     def _all_zones(self) -> Iterable[Zone]:
         for node in self.nodes.values():
@@ -740,7 +776,7 @@ class Machine:
         lockdep_assert_held(self.lock)
         start = dev.start if start is None else start
         size = dev.size if size is None else size
-        if self.devices.get(dev.id) is not dev:
+        if self.devices.get(dev.id) is not dev:  # a new device: its whole range must be free
             self._check_range(start, size, dev.nid)
         else:  # part of a registered device's region (virtio-mem): only present memory can be in the way
             first = start // self.block_size
@@ -758,11 +794,10 @@ class Machine:
             else:
                 use_altmap = True
         memmap_pages = nblocks * self.sections_per_block * self.section_memmap_pages()
-        alloc_ids: list[int] = []
+        memmap_ids: list[int] = []
         if not use_altmap:  # the memmap comes from RAM, the new node's first
-            ids = self._populate_memmap(memmap_pages, dev.nid, f"memmap:{dev.id}")
-            dev.memmap_allocs += ids
-            alloc_ids = ids
+            memmap_ids = self._populate_memmap(memmap_pages, dev.nid, f"memmap:{dev.id}")
+            dev.memmap_allocs += memmap_ids
         dev.memmap_on_memory = use_altmap
         node = self.nodes[dev.nid]
         node.online = True
@@ -778,8 +813,8 @@ class Machine:
                               group=dev.group, device=dev)
             self.blocks[mem.id] = mem
             dev.block_ids.append(mem.id)
-            if alloc_ids and nblocks == 1:
-                dev.block_memmap[mem.id] = list(alloc_ids)
+            if memmap_ids and nblocks == 1:
+                dev.block_memmap[mem.id] = memmap_ids
             new.append(mem)
             self.events.emit("add", mem.devpath)
         if dev.block_ids[0] != first:  # a block within a region: keep the device's blocks in order
@@ -813,11 +848,13 @@ class Machine:
 
     @journaled
     def plug(self, size: int, node: int = 0, addr: int | None = None, dev_id: str | None = None,
-             driver: str = "acpi", memmap_on_memory: bool = False, requested: int | None = None) -> HotplugDevice:
+             driver: str = "acpi", memmap_on_memory: bool = False, requested: int | None = None,
+             slot: int | None = None) -> HotplugDevice:
         """Hot-add a device, like QEMU's device_add (acpi) or a driver binding.
 
         virtio-mem: `size` is the device region and `requested` the size the hypervisor asks
-        for (default: the whole region); the driver then plugs blocks towards it."""
+        for (default: the whole region); the driver then plugs blocks towards it. `slot`: the
+        ACPI slot of a cold-plugged DIMM (the description's), else the first free one."""
         with self.lock:
             if dev_id is None:
                 prefix = "dimm" if driver == "acpi" else driver  # QEMU-like: dimm1, dimm2, ...
@@ -833,8 +870,12 @@ class Machine:
                 raise OSError(errno.EINVAL, f"node {node} is not possible on this machine")
             if requested is not None and driver != "virtio_mem":
                 raise OSError(errno.EINVAL, "a requested size is a virtio-mem property; other devices plug whole")
-            slot = None
-            if driver == "acpi":
+            if driver != "acpi":
+                slot = None
+            if driver == "acpi" and slot is not None:  # a cold-plugged DIMM in the description's slot
+                if not 0 <= slot < len(self.slots) or self.slots[slot] is not None:
+                    raise OSError(errno.EBUSY, f"DIMM slot {slot} is taken or does not exist")
+            elif driver == "acpi":
                 slot = next((i for i, d in enumerate(self.slots) if d is None), None)
                 if slot is None:
                     raise OSError(errno.ENOSPC, f"all {len(self.slots)} DIMM slots are populated")
@@ -872,6 +913,21 @@ class Machine:
                     # the new blocks were added (and auto-onlined): KOBJ_ONLINE for it
                     self.events.emit("online", ACPI_CONTAINER_DEVPATH, subsystem="container")
             return dev
+
+    def _acpi_dimm_without_driver(self, dev: HotplugDevice) -> HotplugDevice:
+        """A DIMM on a kernel without CONFIG_ACPI_HOTPLUG_MEMORY (Debian's arm64 kernels).
+
+        QEMU takes it (its slot shows status 15) and the ACPI core scans the new PNP0C80
+        device and reports _OST success, but no driver binds it: no memory block, no
+        memory. The arm64 reference trace shows exactly this for cold- and hot-plugged
+        DIMMs; QMP device_del still ejects it (acpi_eject(), no blocks to offline)."""
+        self._check_range(dev.start, dev.size, dev.nid)
+        self.devices[dev.id] = dev
+        assert dev.slot is not None
+        self.slots[dev.slot] = dev
+        self.ost_log.append(AcpiOstReport(dev.id, 1, 0))
+        self._changed()
+        return dev
 
     # ------------------------------------------------------------------ virtio-mem
     # drivers/virtio/virtio_mem.c in Sub Block Mode (SBM: the device block, 2 MiB with
@@ -1024,21 +1080,6 @@ class Machine:
             except OSError:
                 pass  # the work item's errors go to its retry timer, not to whoever onlined
 
-    def _acpi_dimm_without_driver(self, dev: HotplugDevice) -> HotplugDevice:
-        """A DIMM on a kernel without CONFIG_ACPI_HOTPLUG_MEMORY (Debian's arm64 kernels).
-
-        QEMU takes it (its slot shows status 15) and the ACPI core scans the new PNP0C80
-        device and reports _OST success, but no driver binds it: no memory block, no
-        memory. The arm64 reference trace shows exactly this for cold- and hot-plugged
-        DIMMs; QMP device_del still ejects it (acpi_eject(), no blocks to offline)."""
-        self._check_range(dev.start, dev.size, dev.nid)
-        self.devices[dev.id] = dev
-        assert dev.slot is not None
-        self.slots[dev.slot] = dev
-        self.ost_log.append(AcpiOstReport(dev.id, 1, 0))
-        self._changed()
-        return dev
-
     @journaled
     def probe_store(self, addr: int) -> None:
         """memory/probe: one block at `addr`, never with memmap_on_memory."""
@@ -1178,7 +1219,8 @@ class Machine:
             mem.removed = True
             del self.blocks[mem.id]
             self.events.emit("remove", mem.devpath)
-            for aid in dev.block_memmap.pop(mem.id, []):  # added on its own (virtio-mem)
+            # added on its own (virtio-mem): its memmap goes with it
+            for aid in dev.block_memmap.pop(mem.id, ()):
                 self._free_memmap(aid)
                 dev.memmap_allocs.remove(aid)
         gone = {mem.id for mem in blocks}

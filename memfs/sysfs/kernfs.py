@@ -335,3 +335,16 @@ class Change:
     def __repr__(self) -> str:
         return (f"Change(owners={set(self.owners)!r}, removed={set(self.removed)!r}, "
                 f"entries={self.entries!r}, everything={self.everything})")
+
+
+def bus_dir(devices: DynDir) -> Dir:
+    """A bus type's directory, /sys/bus/NAME (drivers/base/bus.c bus_register()): the
+    devices' links plus drivers/ and the bus's own files, which memfs accepts and ignores."""
+    return Dir({
+        "devices": devices,
+        "drivers": Dir({}),
+        "drivers_autoprobe": attr_rw(lambda: "1\n", lambda b: None),
+        "drivers_probe": attr_wo(lambda b: None),
+        "uevent": attr_wo(lambda b: None),
+    })
+

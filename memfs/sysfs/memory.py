@@ -5,7 +5,7 @@ import errno
 
 from ..machine.blocks import MEM_ONLINE, ONLINE_TYPE_NAMES, MemoryBlock
 from ..machine.hotplug import Machine
-from .kernfs import CONST, GLOBAL, OWNER, Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo
+from .kernfs import CONST, GLOBAL, OWNER, Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo, bus_dir
 from .parse import kstrtobool, kstrtoull, sysfs_match_string
 
 _KOBJ_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
@@ -228,12 +228,5 @@ def bus_memory(m: Machine) -> Dir:
             return Link(f"../../../devices/system/memory/{name}")
         return None
 
-    devices = DynDir(lambda: [f"memory{b}" for b in m.block_ids()], lookup)
-    return Dir({
-        "devices": devices,
-        "drivers": Dir({}),
-        "drivers_autoprobe": attr_rw(lambda: "1\n", lambda b: None),
-        "drivers_probe": attr_wo(lambda b: None),
-        "uevent": attr_wo(lambda b: None),
-    })
+    return bus_dir(DynDir(lambda: [f"memory{b}" for b in m.block_ids()], lookup))
 

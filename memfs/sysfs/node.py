@@ -7,7 +7,7 @@ them). nodeN/subsystem points at /sys/bus/node, whose devices/nodeN link back.
 from __future__ import annotations
 
 from ..machine.hotplug import MF_STATS, Machine
-from .kernfs import Dir, DynDir, Link, Node, attr_ro, attr_rw, attr_wo
+from .kernfs import Dir, DynDir, Link, Node, attr_ro, attr_rw, bus_dir
 from .parse import bitmap_list
 from .procfs import node_meminfo, node_vmstat
 
@@ -71,11 +71,6 @@ def node_dir(m: Machine, nid: int) -> DynDir:
     return DynDir(lambda: sorted(fixed) + [f"memory{b}" for b in sorted(node.blocks)], lookup)
 
 
-def memory_failure_dir(m: Machine, nid: int) -> Dir:
-    """nodeN/memory_failure/: mm/memory-failure.c MF_ATTR_RO(), "%lu\n" of NODE_DATA(nid)->mf_stats."""
-    return Dir({name: attr_ro(lambda name=name: f"{m.mf_stats[nid][name]}\n") for name in MF_STATS})
-
-
 def _node_name(name: str, m: Machine) -> int | None:
     """nid of an online node's device name "nodeN" (canonical decimal only), else None."""
     if name.startswith("node") and name[4:].isascii() and name[4:].isdigit() and str(int(name[4:])) == name[4:]:
@@ -83,6 +78,11 @@ def _node_name(name: str, m: Machine) -> int | None:
         if nid in m.nodes and m.nodes[nid].online:
             return nid
     return None
+
+
+def memory_failure_dir(m: Machine, nid: int) -> Dir:
+    """nodeN/memory_failure/: mm/memory-failure.c MF_ATTR_RO(), "%lu\n" of NODE_DATA(nid)->mf_stats."""
+    return Dir({name: attr_ro(lambda name=name: f"{m.mf_stats[nid][name]}\n") for name in MF_STATS})
 
 
 def node_root(m: Machine) -> DynDir:
@@ -119,11 +119,4 @@ def bus_node(m: Machine) -> Dir:
             return Link(f"../../../devices/system/node/{name}")
         return None
 
-    devices = DynDir(lambda: [f"node{n}" for n in sorted(m.nodes) if m.nodes[n].online], lookup)
-    return Dir({
-        "devices": devices,
-        "drivers": Dir({}),
-        "drivers_autoprobe": attr_rw(lambda: "1\n", lambda b: None),
-        "drivers_probe": attr_wo(lambda b: None),
-        "uevent": attr_wo(lambda b: None),
-    })
+    return bus_dir(DynDir(lambda: [f"node{n}" for n in sorted(m.nodes) if m.nodes[n].online], lookup))

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -387,7 +386,7 @@ def test_full_disk_stops_the_daemon_before_it_acknowledges():
 def test_systemd_unit_restart_resumes_from_the_state_file(tmp_path):
     """ExecStart as systemd runs it (Type=notify), SIGKILL, ExecStart again (what
     Restart=on-failure does): the dead mount is cleaned and the machine resumes."""
-    from tests.test_packaging import _unit_lines
+    from tests.test_packaging import _unit_lines, unit_command
     u = _unit_lines()
     assert "StateDirectory" in u and any(e.startswith("MEMFS_STATE=/var/lib/memfs/%i.state") for e in u["Environment"])
     with daemon(mount=False) as d:
@@ -395,8 +394,7 @@ def test_systemd_unit_restart_resumes_from_the_state_file(tmp_path):
                     "MEMFS_STATE": str(d.base / "lab.state")}
         from memfs.machine.config import default_text
         Path(env_vars["MEMFS_CONFIG"]).write_text(default_text())
-        line = re.sub(r"\$\{(\w+)\}", lambda m: env_vars[m.group(1)], u["ExecStart"][0])
-        argv = [sys.executable, "-m", "memfs", *line.split()[1:], "--no-sandbox"]
+        argv = [*unit_command(u["ExecStart"][0], env_vars), "--no-sandbox"]
 
         def start() -> subprocess.Popen:
             notify = d.base / "notify"

@@ -25,7 +25,7 @@ from .traces import Dump, Trace, load_trace
 #: (kernel, scenario) of every x86 trace replayed here
 TRACES = [("6.1", "a_memmap_on"), ("6.1", "b_memmap_off"), ("6.1", "g_memmap_force"),
           ("6.12", "a_memmap_on"), ("6.12", "b_memmap_off"), ("6.12", "g_memmap_force"),
-          ("7.2", "a_memmap_on"), ("7.2", "b_memmap_off")]
+          ("7.2", "a_memmap_on"), ("7.2", "b_memmap_off"), ("7.2", "g_memmap_force")]
 
 
 def replay(trace: Trace, check: bool = True) -> tuple[Replayer, list[str], list[tuple[Dump, int]]]:
@@ -44,11 +44,21 @@ def replay(trace: Trace, check: bool = True) -> tuple[Replayer, list[str], list[
     return r, problems, free
 
 
+#: differences the model cannot have: 7.2.13 booted with "memory_hotplug.memmap_on_memory=force"
+#: reserved one page more than with "=1" (a longer command line, copied into memblock
+#: allocations at boot); 6.1 and 6.12 reserved the same with both
+KNOWN = {("7.2", "g_memmap_force"): [
+    f"dump {n} ({label}): {d}" for n, label, total in (
+        (1, "boot (memmap_on_memory=force)", 918004), (2, "memory32 online_movable", 1047028),
+        (3, "memory33 online_movable (1G DIMM)", 1176052), (4, "memory32+33 offline", 918004))
+    for d in ("zone DMA32 managed: kernel 225661, memfs 225662", f"MemTotal: kernel {total}, memfs {total + 4}")]}
+
+
 @pytest.mark.parametrize("kernel, name", TRACES)
 def test_trace_replays_exactly(kernel, name):
     trace = load_trace(name, kernel)
     r, problems, _ = replay(trace)
-    assert not problems, "\n".join(problems)
+    assert problems == KNOWN.get((kernel, name), []), "\n".join(problems)
     # the EBUSY offlines (and the failed eject of DIMM1) needed exactly one pinned block
     assert r.pinned == ([] if name == "g_memmap_force" else ["memory32"])
 
@@ -58,7 +68,7 @@ def test_trace_replays_exactly(kernel, name):
 # zone) brings most of them within 64 kB; the rest is the kernel's own activity between
 # two dumps (slab, page cache, per-cpu list refills), which no sysfs state determines.
 # docs/conformance.md "Known differences" lists the measured gaps.
-WITHIN_64K_AT_LEAST = 95  # of 198 deltas; 61 before the per-cpu lists were modelled
+WITHIN_64K_AT_LEAST = 96  # of 201 deltas; 62 before the per-cpu lists were modelled
 #: residuals above 1 MiB, each a kernel event outside the model
 OUTLIERS = {
     # MemFree rose ~7.3 MiB more than the offlined block accounts for; nothing else changed
@@ -76,7 +86,7 @@ def test_memfree_deltas_follow_the_kernel():
         for (prev, mine_prev), (dump, mine) in zip(free, free[1:]):
             residuals.append(((kernel, name, dump.step),
                               (mine - mine_prev) - (dump.mem_free - prev.mem_free)))
-    assert len(residuals) == 198
+    assert len(residuals) == 201
     within = [key for key, r in residuals if abs(r) <= 64]
     assert len(within) >= WITHIN_64K_AT_LEAST, f"{len(within)} of {len(residuals)} MemFree deltas within 64 kB"
     big = {key: r for key, r in residuals if abs(r) > 1024}

@@ -97,7 +97,7 @@ DATA = Path(__file__).resolve().parent.parent / "conformance" / "data"
 EXPECTED: dict[str, tuple[str, ...]] = {
     "6.1": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force", "probe"),
     "6.12": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force"),
-    "7.2": ("a_memmap_on", "b_memmap_off", "f_virtio_mem"),
+    "7.2": ("a_memmap_on", "b_memmap_off", "f_virtio_mem", "g_memmap_force"),
     "arm64-6.1": ("a_memmap_on", "b_memmap_off"),
 }
 KERNELS = tuple(EXPECTED)

@@ -119,7 +119,7 @@ def test_block_size_explicit():
     (lambda d: d.update(colour="red"), "colour"),
     (lambda d: d["boot"].update(memmap_on_memroy=True), "boot.memmap_on_memroy"),
     (lambda d: d["node"][0].update(size="1G"), "node[0].size"),
-    (lambda d: d["dimm"][0].update(slot=3), "dimm[0].slot"),
+    (lambda d: d["dimm"][0].update(bus=3), "dimm[0].bus"),
     (lambda d: d["hotplug"].update(maxmem="16G"), "hotplug.maxmem"),
 ])
 def test_unknown_keys_are_refused(mutate, key):
