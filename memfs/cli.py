@@ -159,10 +159,16 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 
 def pid_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie counts: it is not ours to reap)."""
+    """True once ``pid`` has exited (a zombie counts: it is not ours to reap).
+
+    A killed multi-threaded daemon's leader turns zombie while its other threads may still
+    be exiting, and those still hold the descriptor table (its flock, /dev/fuse): it is
+    gone only when /proc/PID/task lists the leader alone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return False
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
     except (OSError, IndexError):
         return True
 
