@@ -69,7 +69,7 @@ def check_roundtrip(memfs_mount, dump: Path, tmp_path: Path, live: bool = False)
             assert lsmem(None, *opts) == want, opts  # the copy is the live machine's
     want, got = attribute_files(dump), attribute_files(replica.path)
     assert len(want) > 8 * len([k for k in want if k.endswith("/state")])
-    assert got == want
+    assert {k: got.get(k) for k in want} == want  # every file of the source reads the same
 
 
 @pytest.mark.parametrize("name", SOURCES)

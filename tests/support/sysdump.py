@@ -56,7 +56,7 @@ def _wanted(rel: str) -> bool:
         sub = parts[4:]
         if not re.fullmatch(r"node\d+", sub[0]):
             return False
-        return len(sub) == 1 or (len(sub) == 2 and (sub[1] in ("meminfo", "cpulist")
+        return len(sub) == 1 or (len(sub) == 2 and (sub[1] in ("meminfo", "cpulist", "distance")
                                                     or re.fullmatch(r"memory\d+", sub[1]) is not None))
     if rel.startswith("sys/bus/acpi/devices/"):
         return len(parts) == 5 and parts[4].startswith("PNP0C80:")
@@ -184,11 +184,11 @@ def dump_tree(tree: Tree, dst: str | os.PathLike[str], release: str | None = Non
 
 def attribute_files(root: str | os.PathLike[str]) -> dict[str, str]:
     """Every memory block attribute and link of a sysroot or dump, and each node's memory
-    links and MemTotal/MemFree/MemUsed: relative path -> text or link target."""
+    links, cpulist, distance and MemTotal/MemFree/MemUsed: relative path -> text or link target."""
     out: dict[str, str] = {}
     src = _fs_source(Path(root))
     for rel, k in _walk(src):
-        if not rel.startswith(_MEM + "/") and not rel.startswith(_NODE + "/node") or rel.endswith("/cpulist"):
+        if not rel.startswith(_MEM + "/") and not rel.startswith(_NODE + "/node"):
             continue
         if k == "f":
             data = src.read(rel)
