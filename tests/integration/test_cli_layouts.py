@@ -16,7 +16,7 @@ pytestmark = [
 ]
 
 HERE = Path(__file__).resolve().parent
-ARM64 = HERE.parent / "replay" / "machines" / "arm64-virt-6.1.toml"
+ARM64 = HERE.parent / "conformance" / "machines" / "arm64-virt-6.1.toml"
 TiB, GiB = 1 << 40, 1 << 30
 
 
