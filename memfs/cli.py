@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -200,12 +201,15 @@ def _call(a: argparse.Namespace, op: str, timeout: float | None = None, **fields
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from .status import render_text
-    s = _call(a, "status")["status"]
+    # The daemon renders (text) or serializes (JSON) the status itself: at 65,536 blocks
+    # the object is ~22 MB of JSON, and decoding it here only to print it again would
+    # take seconds.  --json prints the object as one compact line.
     if a.json:
-        print(json.dumps(s, indent=2))
+        raw = _call(a, "status", format="json")["status"]
+        sys.stdout.buffer.write(raw + b"\n")
+        sys.stdout.buffer.flush()
     else:
-        sys.stdout.write(render_text(s))
+        sys.stdout.write(_call(a, "status", format="text")["text"])
     return EXIT_OK
 
 
@@ -378,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUSY if e.errno == errno.EBUSY else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`memfs events MNT | head`): stop quietly,
+        # as a command killed by SIGPIPE would, and keep the interpreter's final flush of
+        # stdout from failing again (docs.python.org/3/library/signal.html, "Note on SIGPIPE")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
