@@ -73,6 +73,8 @@ def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
         args += ["--state", os.path.abspath(a.state)]
     if a.control_mode is not None:
         args += ["--control-mode", f"{a.control_mode:o}"]
+    if a.page_cache:
+        args.append("--page-cache")
     from .sandbox_cli import daemon_args  # sandbox hook (memfs/sandbox_cli.py)
     args += daemon_args(a)
     return args
@@ -113,7 +115,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         daemon.setup_logging(a.debug)
         return daemon.run(mnt, config=a.config, kernel=a.kernel, sets=a.set, state=a.state,
                           control_mode=a.control_mode if a.control_mode is not None else control.DEFAULT_MODE,
-                          debug=a.debug, sandbox=a.sandbox, uevent_helper=a.uevent_helper)
+                          debug=a.debug, sandbox=a.sandbox, uevent_helper=a.uevent_helper,
+                          page_cache=a.page_cache)
     try:
         paths = control.paths_in(control.choose_run_dir(), mnt)
     except OSError as e:
@@ -307,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "another machine description, is refused: exit 1 or 2)")
     sp.add_argument("--control-mode", type=parse_mode, metavar="MODE",
                     help="permission bits of the control socket (octal; default 0600: owner only)")
+    sp.add_argument("--page-cache", action="store_true",
+                    help="serve attribute texts from the kernel's page cache: reads as fast as "
+                         "real sysfs (docs/performance.md; opt-in while a kill -9 hazard is open)")
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",
                     help="seconds to wait for the mount to serve (default 30)")
     sp.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
