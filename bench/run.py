@@ -188,10 +188,13 @@ class Daemon:
         self.stop()
 
 
-def memfs_daemon(workdir: str, blocks: int, name: str | None = None, epoch: bool = True) -> Daemon:
+def memfs_daemon(workdir: str, blocks: int, name: str | None = None, epoch: bool = True,
+                 page_cache: bool = True) -> Daemon:
     args = ["memfs", "--blocks", str(blocks)]
     if not epoch:
         args.append("--no-inc-epoch")
+    if not page_cache:
+        args.append("--direct")
     return Daemon(workdir, name or f"memfs-{blocks}", args, READY_FILE)
 
 
@@ -241,10 +244,14 @@ def static_copy(blocks: int, dest: str) -> int:
 
 # ---------------------------------------------------------------------- sections
 
-def _variants() -> list[tuple[str, bool]]:
-    """(column suffix, INC_EPOCH): memfs as `memfs mount` runs it here, and, on 6.16+,
-    also as it runs on older kernels (entries dropped one by one)."""
-    return [("", True), ("_noepoch", False)] if kernel_has_epoch() else [("", False)]
+def _variants() -> list[tuple[str, bool, bool]]:
+    """(column suffix, INC_EPOCH, page cache): the fast path (`memfs mount --page-cache`),
+    on 6.16+ also as it runs on older kernels (entries dropped one by one), and the
+    daemon's default (texts served directly, OPEN per access)."""
+    out = [("", True, True)]
+    if kernel_has_epoch():
+        out.append(("_noepoch", False, True))
+    return out + [("_direct", True, False)]
 
 
 def bench_attr(work: str, shm: str, plan: dict) -> dict:
@@ -259,8 +266,8 @@ def bench_attr(work: str, shm: str, plan: dict) -> dict:
                            "read": "open + read(4096) + close, full path from the mount root"}
     rows: dict[str, dict[str, Any]] = {a: {} for a in rels}
     texts: dict[str, str] = {}
-    for suffix, epoch in _variants():
-        with memfs_daemon(work, n, name=f"memfs{suffix}-{n}", epoch=epoch) as d:
+    for suffix, epoch, pc in _variants():
+        with memfs_daemon(work, n, name=f"memfs{suffix}-{n}", epoch=epoch, page_cache=pc) as d:
             for attr, rel in rels.items():
                 texts[attr] = Path(d.path(rel)).read_text()
                 rows[attr][f"memfs{suffix}_us"] = time_reads(d.path(rel), ops)
@@ -272,7 +279,7 @@ def bench_attr(work: str, shm: str, plan: dict) -> dict:
         row["tmpfs_us"] = time_reads(os.path.join(static, rel), ops)
         real = os.path.join(REAL_SYS, attr)
         row["sysfs_us"] = time_reads(real, ops) if os.path.exists(real) else None
-        for suffix, _ in _variants():
+        for suffix, _, _ in _variants():
             row[f"memfs{suffix}_over_minimal"] = _ratio(row[f"memfs{suffix}_us"], row["minimal_us"])
             row[f"memfs{suffix}_over_tmpfs"] = _ratio(row[f"memfs{suffix}_us"], row["tmpfs_us"])
             row[f"memfs{suffix}_over_sysfs"] = _ratio(row[f"memfs{suffix}_us"], row["sysfs_us"])
@@ -518,6 +525,7 @@ def format_table(res: dict) -> str:
                      f"{_f(r['memfs_over_minimal'], 'x'):>9} {_f(r['memfs_over_tmpfs'], 'x'):>11} "
                      f"{_f(r['memfs_over_sysfs'], 'x'):>11}")
             line += f" {_f(r['memfs_noepoch_over_sysfs'], 'x'):>12}" if ne else ""
+            line += f" | default {_f(r['memfs_direct_us'])} us = {_f(r['memfs_direct_over_sysfs'], 'x')} sysfs"
             lines.append(line)
     if "writes" in res:
         w = res["writes"]

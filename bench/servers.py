@@ -1,9 +1,10 @@
 """Daemons the benchmark mounts (each runs in its own process, in the foreground).
 
-``python -m bench.servers memfs MNT --blocks N [--no-inc-epoch]``
+``python -m bench.servers memfs MNT --blocks N [--no-inc-epoch] [--direct]``
     memfs itself: a bench machine of N blocks (:mod:`bench.machines`), its sysfs
     tree, served by :func:`memfs.fuse.serve` wired to the model exactly as the
-    daemon does (watch_machine, the model lock): the page-cache fast path.
+    daemon does (watch_machine, the model lock): the page-cache fast path
+    (`memfs mount --page-cache`), or with ``--direct`` the daemon's default.
 ``python -m bench.servers minimal MNT --file REL/PATH --text TEXT``
     the floor of the binding: a fusepy filesystem serving one constant file at
     REL/PATH (its parent directories exist, nothing else), with memfs's mount
@@ -27,13 +28,13 @@ from memfs.sysfs.changes import watch_machine
 from memfs.sysfs.tree import build_tree
 
 
-def serve_memfs(mnt: str, blocks: int, epoch: bool | None) -> None:
+def serve_memfs(mnt: str, blocks: int, epoch: bool | None, page_cache: bool) -> None:
     m = bench_machine(blocks)
 
     def watch(inv: Invalidator) -> None:
         watch_machine(m, inv)
 
-    serve(build_tree(m), mnt, watch=watch, lock=m.lock, epoch=epoch)
+    serve(build_tree(m), mnt, watch=watch, lock=m.lock, epoch=epoch, page_cache=page_cache)
 
 
 def serve_minimal(mnt: str, rel: str, text: str) -> None:
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--no-inc-epoch", dest="epoch", action="store_false", default=None,
                     help="memfs: drop entries by FUSE_NOTIFY_INVAL_ENTRY (the path of kernels < 6.16)")
+    ap.add_argument("--direct", dest="page_cache", action="store_false",
+                    help="memfs: serve texts directly (OPEN per access), as `memfs mount` does by default")
     ap.add_argument("--file", default="sys/devices/system/memory/memory0/state")
     ap.add_argument("--text", default="online\n")
     a = ap.parse_args(argv)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench servers mount only under /tmp", file=sys.stderr)
         return 2
     if a.kind == "memfs":
-        serve_memfs(a.mountpoint, a.blocks, a.epoch)
+        serve_memfs(a.mountpoint, a.blocks, a.epoch, a.page_cache)
     else:
         serve_minimal(a.mountpoint, a.file, a.text)
     return 0

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,8 @@ def _daemon_args(a: argparse.Namespace, mnt: str) -> list[str]:
         args += ["--state", os.path.abspath(a.state)]
     if a.control_mode is not None:
         args += ["--control-mode", f"{a.control_mode:o}"]
+    if a.page_cache:
+        args.append("--page-cache")
     from .sandbox.cli import daemon_args  # sandbox hook (memfs/sandbox/cli.py)
     args += daemon_args(a)
     return args
@@ -114,7 +117,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         daemon.setup_logging(a.debug)
         return daemon.run(mnt, config=a.config, kernel=a.kernel, sets=a.set, state=a.state,
                           control_mode=a.control_mode if a.control_mode is not None else control.DEFAULT_MODE,
-                          debug=a.debug, sandbox=a.sandbox, uevent_helper=a.uevent_helper)
+                          debug=a.debug, sandbox=a.sandbox, uevent_helper=a.uevent_helper,
+                          page_cache=a.page_cache)
     try:
         paths = control.paths_in(control.choose_run_dir(), mnt)
     except OSError as e:
@@ -208,12 +212,15 @@ def _call(a: argparse.Namespace, op: str, timeout: float | None = None, **fields
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from .status import render_text
-    s = _call(a, "status")["status"]
+    # The daemon renders (text) or serializes (JSON) the status itself: at 65,536 blocks
+    # the object is ~22 MB of JSON, and decoding it here only to print it again would
+    # take seconds.  --json prints the object as one compact line.
     if a.json:
-        print(json.dumps(s, indent=2))
+        raw = _call(a, "status", format="json")["status"]
+        sys.stdout.buffer.write(raw + b"\n")
+        sys.stdout.buffer.flush()
     else:
-        sys.stdout.write(render_text(s))
+        sys.stdout.write(_call(a, "status", format="text")["text"])
     return EXIT_OK
 
 
@@ -378,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "another machine description, is refused: exit 1 or 2)")
     sp.add_argument("--control-mode", type=parse_mode, metavar="MODE",
                     help="permission bits of the control socket (octal; default 0600: owner only)")
+    sp.add_argument("--page-cache", action="store_true",
+                    help="serve attribute texts from the kernel's page cache: reads as fast as "
+                         "real sysfs (docs/performance.md; opt-in while a kill -9 hazard is open)")
     sp.add_argument("--timeout", type=float, default=30.0, metavar="S",
                     help="seconds to wait for the mount to serve (default 30)")
     sp.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
@@ -483,6 +493,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUSY if e.errno == errno.EBUSY else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`memfs events MNT | head`): stop quietly,
+        # as a command killed by SIGPIPE would, and keep the interpreter's final flush of
+        # stdout from failing again (docs.python.org/3/library/signal.html, "Note on SIGPIPE")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ the reply is ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "code": "EBUSY
 "error": "message"}``. Ops and fields:
 
     ping                                        -> pid, mountpoint, version
-    status                                      -> status (memfs.status.snapshot)
+    status   [format]                           -> status (memfs.status.snapshot); with format
+                                                   "text": text (what `memfs status` prints);
+                                                   with format "json": the status object as
+                                                   raw bytes (see below)
     plug     size, [node, addr, id, driver, memmap_on_memory, requested] -> device, blocks
                                                   (virtio-mem: size is the region, requested
                                                    what the driver plugs, default size)
@@ -29,6 +32,11 @@ the reply is ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "code": "EBUSY
 Sizes are byte counts or strings like "128M" / "0x8000000". Every op goes through the
 Machine's public methods, which take ``machine.lock``. A malformed request gets an error
 reply (EINVAL, or EOPNOTSUPP for an unknown op); the connection stays usable.
+
+A reply is one line, of any length (65,536 blocks make a status of ~22 MB), except
+``status`` with format "json": the line ``{"ok": true, "raw": "status", "bytes": N}``
+is followed by the N bytes of the status object (compact JSON) and a newline, which a
+client can copy to its output without decoding it (`memfs status --json`).
 
 Limits, so that no client can wedge or exhaust the daemon: a request line is at most
 64 KiB (a longer one gets E2BIG and the connection is closed); at most 64 connections
@@ -147,7 +155,7 @@ def _size(req: dict, key: str, required: bool = False) -> int | None:
 
 
 _FIELDS = {
-    "ping": set(), "status": set(), "shutdown": set(),
+    "ping": set(), "status": {"format"}, "shutdown": set(),
     "plug": {"size", "node", "addr", "id", "driver", "memmap_on_memory", "requested"},
     "unplug": {"id"},
     "resize": {"id", "size"},
@@ -223,8 +231,16 @@ class Handler:
         return {"pid": os.getpid(), "mountpoint": self.info.get("mountpoint"), "version": __version__}
 
     def op_status(self, req: dict) -> dict:
-        from .status import snapshot
-        return {"status": snapshot(self.m, **self.info)}
+        from .status import render_text, snapshot
+        fmt = _field(req, "format", (str,))
+        if fmt not in (None, "text", "json"):
+            raise BadRequest('status: format is "text" or "json"')
+        s = snapshot(self.m, **self.info)
+        if fmt == "text":
+            return {"text": render_text(s)}
+        if fmt == "json":
+            return {"status": Raw(json.dumps(s, separators=(",", ":")).encode())}
+        return {"status": s}
 
     def op_plug(self, req: dict) -> dict:
         from .status import device_dict
@@ -416,9 +432,22 @@ class ControlServer:
             os.unlink(self.path)
 
 
+class Raw(bytes):
+    """A reply field sent as raw bytes after the reply line (status with format "json")."""
+
+
 def _send(conn: socket.socket, obj: dict) -> bool:
+    raw = [(k, v) for k, v in obj.items() if isinstance(v, Raw)]
     try:
-        conn.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        if raw:
+            key, data = raw[0]
+            head = {k: v for k, v in obj.items() if k != key}
+            head.update(raw=key, bytes=len(data))
+            conn.sendall(json.dumps(head, separators=(",", ":")).encode() + b"\n")
+            conn.sendall(data)
+            conn.sendall(b"\n")
+        else:
+            conn.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
         return True
     except OSError:
         return False
@@ -519,15 +548,26 @@ class ControlClient:
         self.sock.settimeout(timeout if timeout is not None else self.timeout)
         try:
             self.sock.sendall(json.dumps(req).encode() + b"\n")
-            line = self._rf.readline(16 * 1024 * 1024)
+            line = self._rf.readline()  # no limit: the daemon is trusted, its replies grow with the machine
+            raw: bytes | None = None
+            if line.startswith(b'{"ok":true,"raw":'):
+                head = json.loads(line)
+                raw = self._rf.read(int(head["bytes"]) + 1)[:-1]
         except socket.timeout:
             raise ControlError(errno.ETIMEDOUT, f"no reply from the memfs daemon within "
                                                 f"{timeout or self.timeout:g} s") from None
         except OSError as e:
             raise ControlError(e.errno or errno.EIO, f"control connection failed: {e}") from None
-        if not line:
+        if not line or (raw is not None and len(raw) != head["bytes"]):
             raise ControlError(errno.ECONNRESET, "the memfs daemon closed the control connection")
-        return json.loads(line)
+        if raw is not None:
+            reply = {k: v for k, v in head.items() if k not in ("raw", "bytes")}
+            reply[head["raw"]] = raw
+            return reply
+        try:
+            return json.loads(line)
+        except ValueError as e:
+            raise ControlError(errno.EPROTO, f"the memfs daemon sent a malformed reply ({e})") from None
 
     def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """One op; returns the reply, raises ControlError on {"ok": false}."""

@@ -179,7 +179,7 @@ def take_lock(path: str, mnt: str) -> int:
 def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
         sets: list[str] | None = None, state: str | None = None, control_mode: int = control.DEFAULT_MODE,
         ready_fd: int | None = None, debug: bool = False, sandbox: str = "auto",
-        uevent_helper: str | None = None, inc_epoch: bool = True) -> int:
+        uevent_helper: str | None = None, inc_epoch: bool = True, page_cache: bool = False) -> int:
     """Serve one machine at ``mnt`` until unmounted; returns the exit code."""
     from .machine.config import ConfigError, load_config, parse_sets
 
@@ -281,7 +281,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
     code = 0
     try:
         serve(tree, mnt, ready=on_ready, debug=debug, watch=watch, lock=machine.lock,
-              epoch=None if inc_epoch else False)
+              epoch=None if inc_epoch else False, page_cache=page_cache)
     except RuntimeError as e:
         code = 1
         if not ready.ready:
@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-mode", type=parse_mode, default=control.DEFAULT_MODE)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--page-cache", action="store_true",
+                   help="serve attribute texts from the kernel's page cache (the fast path, "
+                        "docs/performance.md)")
     p.add_argument("--no-inc-epoch", dest="inc_epoch", action="store_false",
                    help="drop vanished entries with FUSE_NOTIFY_INVAL_ENTRY, as on kernels "
                         "before 6.16, even where FUSE_NOTIFY_INC_EPOCH exists (tests)")
@@ -337,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.debug)
     return run(a.mountpoint, config=a.config, kernel=a.kernel, sets=a.set, state=a.state,
                control_mode=a.control_mode, ready_fd=a.ready_fd, debug=a.debug,
-               sandbox=a.sandbox, uevent_helper=a.uevent_helper, inc_epoch=a.inc_epoch)
+               sandbox=a.sandbox, uevent_helper=a.uevent_helper, inc_epoch=a.inc_epoch,
+               page_cache=a.page_cache)
 
 
 if __name__ == "__main__":

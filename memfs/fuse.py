@@ -37,8 +37,11 @@ import ctypes
 import os
 import platform
 import re
+import select
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Hashable, Iterator, Protocol
@@ -110,6 +113,73 @@ _INVAL_INODE = struct.Struct("<Qqq")  # struct fuse_notify_inval_inode_out {ino,
 _INVAL_ENTRY = struct.Struct("<QII")  # struct fuse_notify_inval_entry_out {parent, namelen, flags}
 
 
+#: The program of the inode-number helper (Invalidator._ino): statx(AT_STATX_DONT_SYNC)
+#: of each path read from stdin, the st_ino (or "-") written to stdout.  It dies with
+#: the daemon (PR_SET_PDEATHSIG) and holds no /dev/fuse descriptor.
+_INO_HELPER = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+buf = ctypes.create_string_buffer(256)
+for line in sys.stdin.buffer:
+    path = line.rstrip(b"\n")
+    # AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC, STATX_INO
+    ok = libc.statx(-100, path, 0x100 | 0x4000, 0x100, buf) == 0
+    sys.stdout.write((str(int.from_bytes(buf.raw[32:40], "little")) if ok else "-") + "\n")
+    sys.stdout.flush()
+"""
+_INO_TIMEOUT = 2.0  # seconds; a helper stuck longer is replaced
+
+
+class _InoHelper:
+    """Learns the kernel's inode numbers of paths on the mount, from another process.
+
+    The daemon must never access its own mount: a path walk may wait, uninterruptibly,
+    for an inode lock (fuse_lock_inode()) or a page lock that a request the daemon has
+    not answered yet holds; killed meanwhile, the daemon could not exit, its /dev/fuse
+    would stay open, and every process using the mount would hang.  A child process
+    (no /dev/fuse descriptor of its own) asks instead; the daemon only waits on a pipe,
+    with a timeout.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", _INO_HELPER], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
+        self._proc = proc
+        return proc
+
+    def ino(self, path: str) -> int | None:
+        with self._lock:
+            proc = self._proc or self._start()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(os.fsencode(path) + b"\n")
+                proc.stdin.flush()
+                ready, _, _ = select.select([proc.stdout], [], [], _INO_TIMEOUT)
+                line = proc.stdout.readline() if ready else b""
+            except OSError:
+                line = b""
+            if not line.endswith(b"\n"):
+                self._stop(proc)  # stuck or dead: a fresh one next time
+                return None
+        text = line.strip()
+        return int(text) if text.isdigit() else None
+
+    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = None
+        with contextlib.suppress(OSError):
+            proc.kill()  # our own child, by its Popen
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._stop(self._proc)
+
+
 class _Cached:
     """One attribute text the kernel may hold in its page cache (read since its last drop)."""
 
@@ -163,8 +233,7 @@ class Invalidator:
         self._suspect: set[str] = set()  # shown while a change was running: checked by every flush
         self._writing: dict[str, int] = {}
         self._orphans: list[Change] = []  # changes of threads that do not flush themselves
-        self._after_write: set[str] = set()
-        self._written: set[str] = set()
+        self._page_drops: set[str] = set()
         self._need_ino: set[str] = set()
         self._local = threading.local()
         self._wake = threading.Condition(self._mu)
@@ -172,6 +241,7 @@ class Invalidator:
         #: notifications sent, by kind (tests count them instead of timing anything)
         self.counts = {"inval_inode": 0, "inval_entry": 0, "inc_epoch": 0, "shown": 0}
         self._thread: threading.Thread | None = None
+        self._helper = _InoHelper()
 
     # -- owner side ----------------------------------------------------------
 
@@ -188,7 +258,7 @@ class Invalidator:
             self._wake.notify()
 
     @contextlib.contextmanager
-    def collect(self, skip: str | None = None) -> Iterator[None]:
+    def collect(self) -> Iterator[None]:
         """Send the notifications for the changes this thread makes inside the block,
         when it ends (also when it raises), outside the owner's lock."""
         outer = getattr(self._local, "changes", None)
@@ -270,12 +340,15 @@ class Invalidator:
         return _encode(attr.show()), False  # type: ignore[misc]
 
     @contextlib.contextmanager
-    def writing(self, path: str) -> Iterator[None]:
-        """Around a ``write()`` of ``path``: its page is locked by the kernel meanwhile."""
+    def writing(self, path: str, attr: Attr, data: bytes) -> Iterator[None]:
+        """Around the store of a WRITE of ``data`` to ``path`` (its page is locked by the
+        kernel until the WRITE is answered); sends the store's changes when it ends."""
         with self._mu:
             self._writing[path] = self._writing.get(path, 0) + 1
+            e = self._cached.get(path)
+            old = e.text if e is not None else None
         try:
-            with self.collect(skip=path):
+            with self.collect():
                 yield
         finally:
             with self._mu:
@@ -284,24 +357,28 @@ class Invalidator:
                     self._writing[path] = n
                 else:
                     del self._writing[path]
-                # The kernel's cached page now holds the written bytes: the next GETATTR
-                # reports another size (written()), and the invalidator's thread drops
-                # the page once the WRITE is answered (its notification waits for that).
-                self._written.add(path)
-                self._after_write.add(path)
-                self._wake.notify()
+            if old is not None and attr.readable:
+                self._after_write(path, old, data, attr)
 
-    def written(self, path: str) -> int:
-        """1 once after a write of ``path``, else 0: added to the st_size of the GETATTR
-        that follows the write, so that the kernel, finding a size other than the one
-        its cached page has, drops the page (fuse_change_attributes()): a write leaves
-        its own bytes in a cached page ("on" written to `online` whose text is "1\\n"),
-        and no notification may be sent for it while its WRITE is in flight."""
-        with self._mu:
-            if path in self._written:
-                self._written.discard(path)
-                return 1
-        return 0
+    def _after_write(self, path: str, old: bytes, data: bytes, attr: Attr) -> None:
+        """A WRITE copies its bytes into the file's cached page (fuse_fill_write_pages(),
+        fs/fuse/file.c) and leaves i_size at max(old size, written length).  The next
+        read asks GETATTR (the write dropped the attributes), whose st_size, the text's
+        length, makes the kernel drop the page whenever it differs from that i_size
+        (fuse_change_attributes()).  Only a page of the very length of the text that is
+        not the text ("on" written to `online`, whose text is "1\\n") needs dropping;
+        that notification waits for the page's lock, so the invalidator's thread sends
+        it, never the WRITE's own handler."""
+        size = max(len(old), len(data))
+        page = (data + old[len(data):])[:size]
+        try:
+            text, _ = self.show(attr)
+        except OSError:
+            return
+        if size == len(text) and page != text:
+            with self._mu:
+                self._page_drops.add(path)
+                self._wake.notify()
 
     # -- sending -------------------------------------------------------------
 
@@ -380,10 +457,12 @@ class Invalidator:
 
     def _ino(self, path: str, e: _Cached | None = None) -> int | None:
         """The kernel's inode number of ``path`` (libfuse 2 without use_ino reports its
-        nodeid as st_ino), or the last one seen if the path is gone."""
-        try:
-            ino = os.lstat(self.mountpoint + path).st_ino
-        except OSError:
+        nodeid as st_ino), or the last one seen if the path is gone.
+
+        Asked from another process (:class:`_InoHelper`), from the kernel's cached
+        attributes (statx AT_STATX_DONT_SYNC: no GETATTR)."""
+        ino = self._helper.ino(self.mountpoint + path)
+        if ino is None:
             return e.ino if e is not None else None
         if e is not None:
             e.ino = ino
@@ -438,24 +517,25 @@ class Invalidator:
             self._stopped = True
             self.fd = None
             self._wake.notify()
+        self._helper.close()
 
     def _run(self) -> None:
         while True:
             with self._mu:
-                self._wake.wait_for(lambda: self._stopped or self._orphans or self._after_write
-                                    or self._need_ino)
+                self._wake.wait_for(lambda: self._stopped or self._orphans or self._need_ino
+                                    or self._page_drops)
                 if self._stopped:
                     return
                 orphans, self._orphans = self._orphans, []
-                after, self._after_write = self._after_write, set()
                 need, self._need_ino = self._need_ino, set()
+                drops, self._page_drops = self._page_drops, set()
                 need_entries = [(p, self._cached[p]) for p in need if p in self._cached]
             try:
                 for path, e in need_entries:
                     self._ino(path, e)
                 if orphans:
                     self.flush(orphans)
-                for path in after:
+                for path in drops:
                     ino = self._ino(path)
                     if ino is not None:
                         body = _INVAL_INODE.pack(ino, 0, 0)
@@ -473,8 +553,10 @@ class SysfsOperations(_fusepy.Operations):
     def __init__(self, tree: Tree, *, ready: Callable[[], None] | None = None) -> None:
         self.tree = tree
         self._ready = ready
-        # Page-cache mode (set by serve(watch=...)): keeps the kernel's caches exact.
+        # Set by serve(watch=...): keeps the kernel's caches (entries, and texts in
+        # page-cache mode) exact.
         self.inv: Invalidator | None = None
+        self.page_cache = False
         # path -> node, kept only while the tree's owner reports changes (serve(watch=)):
         # each FUSE request carries a full path, and resolving it again costs a lookup
         # per component. Cleared when entries change (forget_paths()); `_path_gen` keeps
@@ -608,7 +690,7 @@ class SysfsOperations(_fusepy.Operations):
             if h is not None:
                 return self._stat(h.attr)
         inv = self.inv
-        if inv is None:
+        if inv is None or not self.page_cache:
             return self._stat(self._resolve(path))
         try:
             node = self._resolve(path)
@@ -636,7 +718,7 @@ class SysfsOperations(_fusepy.Operations):
             if entry is not None:
                 inv.filled(path, entry, text, consistent if text is not None else True)
         st = dict(self._stat(node))
-        st["st_size"] = len(text) + inv.written(path)
+        st["st_size"] = len(text)
         return st
 
     def readdir(self, path: str, fh: int) -> Iterator[tuple[str, dict[str, int], int]]:
@@ -667,7 +749,7 @@ class SysfsOperations(_fusepy.Operations):
     # -- file I/O ---------------------------------------------------------
 
     def open(self, path: str, flags: int) -> int:
-        if self.inv is not None:
+        if self.page_cache:
             # Page-cache mode: ENOSYS makes the kernel stop sending OPEN (and so
             # FLUSH/RELEASE) for the whole mount (fuse_file_open(), fs/fuse/file.c):
             # read() and write() then get fh 0 and find the attribute by its path.
@@ -741,7 +823,7 @@ class SysfsOperations(_fusepy.Operations):
             n = len(data)
             if n == 0:
                 return 0
-            with inv.writing(path):
+            with inv.writing(path, attr, data):
                 attr.store(data[:STORE_MAX] if n > STORE_MAX else data)  # type: ignore[misc]
             return n
         h = self._handle(fh)
@@ -751,7 +833,8 @@ class SysfsOperations(_fusepy.Operations):
         n = len(data)
         if n == 0:
             return 0
-        attr.store(data[:STORE_MAX] if n > STORE_MAX else data)  # type: ignore[misc]
+        with inv.collect() if inv is not None else contextlib.nullcontext():
+            attr.store(data[:STORE_MAX] if n > STORE_MAX else data)  # type: ignore[misc]
         if h.data is not None:
             h.dirty = True  # like seq_file: a read from offset 0 after a write shows the new value
         return n  # the whole buffer counts as consumed, as sysfs stores do
@@ -935,6 +1018,7 @@ def serve(
     watch: Callable[[Invalidator], object] | None = None,
     lock: ContextLock | None = None,
     epoch: bool | None = None,
+    page_cache: bool = True,
     **options: str | int | bool,
 ) -> None:
     """Mount ``tree`` at ``mountpoint`` and serve it until unmounted.
@@ -954,7 +1038,9 @@ def serve(
     ``lock`` is the lock the owner holds while changing the tree (the Machine's).
     ``epoch`` picks how vanished entries are dropped: FUSE_NOTIFY_INC_EPOCH (default
     on Linux 6.16+) or one FUSE_NOTIFY_INVAL_ENTRY per name (``epoch=False``, and on
-    older kernels; negative entries are then not cached).
+    older kernels; negative entries are then not cached).  ``page_cache=False`` keeps
+    the direct way of serving texts (OPEN per access, direct_io) and only caches
+    entries, with INC_EPOCH (on older kernels, without it, entries are not cached).
     """
     ops = SysfsOperations(tree, ready=ready)
     if watch is not None:
@@ -962,8 +1048,10 @@ def serve(
             epoch = kernel_has_epoch()
         ops._paths = {}
         ops.inv = Invalidator(ops, mountpoint, lock, epoch)
+        ops.page_cache = page_cache
         watch(ops.inv)
-        options = {"entry_timeout": ENTRY_TIMEOUT,
-                   "negative_timeout": ENTRY_TIMEOUT if epoch else 0, **options}
+        if page_cache or epoch:
+            options = {"entry_timeout": ENTRY_TIMEOUT,
+                       "negative_timeout": ENTRY_TIMEOUT if epoch else 0, **options}
     mount_operations(ops, mountpoint, foreground=foreground, allow_other=allow_other,
                      debug=debug, **options)

@@ -241,7 +241,7 @@ def _mounted_process(source: TreeSource, mnt: Path, log_path: Path, timeout: flo
             raise RuntimeError(f"ready() called but {mnt} is not a mount point")
         if watchdog:
             def fire() -> None:
-                sys.stderr.write(f"fusehelpers: watchdog fired after {watchdog}s, "
+                sys.stderr.write(f"tests.support.fuse: watchdog fired after {watchdog}s, "
                                  f"killing daemon {proc.pid}\n")
                 if proc.is_alive():
                     proc.kill()
@@ -284,7 +284,7 @@ def _mounted_thread(source: TreeSource, mnt: Path, timeout: float,
         unmount(mnt)
         th.join(10)
         if th.is_alive():  # pragma: no cover
-            sys.stderr.write("fusehelpers: daemon thread did not exit after unmount\n")
+            sys.stderr.write("tests.support.fuse: daemon thread did not exit after unmount\n")
 
 
 def errno_of(fn: Callable[[], Any]) -> int | None:

@@ -216,3 +216,31 @@ def test_run_dir_fallback_and_socket_path_length(monkeypatch, tmp_path):
     with pytest.raises(OSError) as ei:
         control.paths_in(control.run_dirs()[0], tmp_path)
     assert ei.value.errno == errno.ENAMETOOLONG
+
+
+def test_status_formats_and_replies_beyond_16_mib(m, rundir, tmp_path, monkeypatch):
+    """status as text (rendered by the daemon), as raw JSON bytes after a header line, and
+    as an object; a reply line longer than the old 16 MiB client limit is read whole."""
+    from memfs.status import render_text, snapshot
+
+    mnt = tmp_path / "mnt"
+    paths = control.paths_in(control.choose_run_dir(), mnt)
+    h = control.Handler(m, {"mountpoint": str(mnt)})
+    big = "x" * (17 << 20)  # what a status of a huge machine would weigh
+    monkeypatch.setattr(control.Handler, "op_ping", lambda self, req: {"pad": big})
+    srv = control.ControlServer(h, paths["sock"])
+    srv.start()
+    try:
+        with control.ControlClient(mnt, timeout=30) as c:
+            assert c.call("ping")["pad"] == big
+            text = c.call("status", format="text")["text"]
+            assert text == render_text(snapshot(m, mountpoint=str(mnt)))
+            raw = c.call("status", format="json")["status"]
+            assert isinstance(raw, bytes) and b"\n" not in raw
+            assert json.loads(raw) == c.call("status")["status"]
+            assert c.call("ping")["pad"] == big  # the connection is still in step
+            with pytest.raises(control.ControlError) as ei:
+                c.call("status", format="yaml")
+            assert ei.value.errno == errno.EINVAL and '"text" or "json"' in ei.value.message
+    finally:
+        srv.close()
