@@ -614,7 +614,7 @@ class Machine:
         # The kernel drains the zone's per-cpu lists at every offline attempt; the model does
         # it once the offline cannot fail any more, so that a refused write changes nothing
         # (a failed attempt's drain is refilled by the next allocations anyway).
-        self._drain_pcp(zone)
+        self._drain_pcp(zone, mem)
         v = mem.nr_vmemmap_pages
         start, end = mem.extent_in(zone) or (mem.start_pfn, mem.end_pfn)
         self._adjust_present(mem, zone, -mem.present_pages)
@@ -1178,10 +1178,15 @@ class Machine:
         return min(zone.pcp, zone.free) + sum(self.allocator.allocs[a].pages for a in self.pcp_lists
                                                if self._alloc_zone(a) is zone)
 
-    def _drain_pcp(self, zone: Zone) -> None:
-        """zone_pcp_disable() at offline: the zone's per-cpu pages go back to the buddy allocator."""
+    def _drain_pcp(self, zone: Zone, mem: MemoryBlock | None = None) -> None:
+        """zone_pcp_disable() at offline: the zone's per-cpu pages go back to the buddy allocator.
+
+        ``mem``, the block going offline: a per-cpu batch the model placed across blocks of
+        two zones counts as the first one's, but its pages in ``mem`` are in ``zone`` (in
+        the kernel a page is on its own zone's lists), so it is drained too."""
         zone.pcp = 0
-        for aid in [a for a in self.pcp_lists if self._alloc_zone(a) is zone]:
+        for aid in [a for a in self.pcp_lists if self._alloc_zone(a) is zone
+                    or (mem is not None and mem.id in self.allocator.allocs[a].pieces)]:
             self.pcp_lists.remove(aid)
             self.allocator.free(aid)
 
