@@ -35,6 +35,7 @@ from typing import Any
 
 from . import control
 from .mountinfo import FSTYPE, mounts_at
+from .sandbox.cli import add_daemon_arguments
 
 log = logging.getLogger("memfs.daemon")
 
@@ -196,6 +197,8 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
             ready.error(2, msg)
             log.error("%s", msg)
             return 2
+        # imported here, not at the top: the `memfs` command imports this module for its
+        # mount helpers, and the model, FUSE and the sandbox cost it 50-100 ms (memfs/cli.py)
         from .fuse import Invalidator, serve
         from .machine.hotplug import Machine
         from .sysfs.changes import watch_machine
@@ -334,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-inc-epoch", dest="inc_epoch", action="store_false",
                    help="drop vanished entries with FUSE_NOTIFY_INVAL_ENTRY, as on kernels "
                         "before 6.16, even where FUSE_NOTIFY_INC_EPOCH exists (tests)")
-    from .sandbox.cli import add_daemon_arguments  # sandbox hook (memfs/sandbox/cli.py)
     add_daemon_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a.debug)

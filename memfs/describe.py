@@ -36,6 +36,7 @@ from .machine.config import ConfigError, from_dict
 from .machine.hotplug import Machine
 from .machine.profiles import ARCHES, PROFILES, GiB, resolve_kernel
 from .sysfs.parse import bitmap_list
+from .sysfs.tree import build_tree
 
 MEMORY = "sys/devices/system/memory"
 NODE = "sys/devices/system/node"
@@ -642,7 +643,6 @@ def describe(root: str | os.PathLike[str] = "/", kernel: str | None = None, arch
 
 def compare(dump: Dump, m: Machine) -> list[str]:
     """Every memory block attribute of the dump that the booted description reads differently."""
-    from .sysfs.tree import build_tree
     tree = build_tree(m)
     diffs: list[str] = []
     for bid in sorted(dump.blocks):

@@ -28,12 +28,13 @@ Any unexpected exception is logged and turned into ``EIO``.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
+import ctypes
 import errno
 import itertools
 import logging
-import ctypes
 import os
 import platform
 import re
@@ -955,7 +956,6 @@ def path_encoding() -> str:
     is looked up, and not found (ENOENT, as on sysfs), instead of failing in fusepy's
     ``path.decode("utf-8")`` with EINVAL and a traceback in the log.
     (The default ``encoding=`` of every mount.)"""
-    import codecs
 
     def search(name: str) -> codecs.CodecInfo | None:
         if name != PATH_ENCODING:
