@@ -57,10 +57,14 @@ import stat
 import struct
 import threading
 import time
-from typing import Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from . import __version__
 from .status import device_dict, render_text, snapshot
+
+if TYPE_CHECKING:  # types only: the client side does not load the model
+    from .machine.hotplug import Machine
+    from .persist import StateFile
 
 # memfs.machine.config and memfs.persist are imported where the daemon's handler needs
 # them: the `memfs` command imports this module for its client, and the model would add
@@ -184,8 +188,8 @@ def _event_dict(ev: Any) -> dict[str, Any]:
 class Handler:
     """Turns request lines into reply objects for one Machine (no sockets: unit-testable)."""
 
-    def __init__(self, machine: Any, info: dict[str, Any] | None = None,
-                 on_shutdown: Callable[[], None] | None = None, state: Any = None) -> None:
+    def __init__(self, machine: "Machine", info: dict[str, Any] | None = None,
+                 on_shutdown: Callable[[], None] | None = None, state: "StateFile | None" = None) -> None:
         self.m = machine
         self.info = dict(info or {})
         self.state = state  # memfs.persist.StateFile, or None

@@ -31,11 +31,14 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import control
 from .mountinfo import FSTYPE, mounts_at
 from .sandbox.cli import add_daemon_arguments
+
+if TYPE_CHECKING:
+    from .persist import StateFile
 
 log = logging.getLogger("memfs.daemon")
 
@@ -188,7 +191,7 @@ def run(mnt: str, *, config: str | None = None, kernel: str | None = None,
     mnt = os.path.realpath(mnt)
     server: control.ControlServer | None = None
     lock_fd: int | None = None
-    state_file: Any = None  # memfs.persist.StateFile with --state
+    state_file: "StateFile | None" = None  # with --state
     try:
         try:
             cfg = load_config(config, overrides=parse_sets(sets or []), kernel=kernel)

@@ -7,10 +7,14 @@ daemon without the model.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .sysfs.parse import bitmap_list  # no model import: status renders replies
+
+if TYPE_CHECKING:  # the model's types only: the client renders replies without loading it
+    from .machine.blocks import HotplugDevice, MemoryBlock
+    from .machine.hotplug import Machine
 
 SCHEMA = 1
 
@@ -29,7 +33,7 @@ legend: one character per memory block, 64 per line; the number before a line is
   |      boundary of a hot-plugged device (ACPI DIMM, virtio-mem, dax/kmem, probe)"""
 
 
-def _block(m: Any, mem: Any) -> dict[str, Any]:
+def _block(m: "Machine", mem: "MemoryBlock") -> dict[str, Any]:
     if mem.zone is not None:
         zones = [mem.zone.name]
     else:
@@ -58,7 +62,7 @@ def _block(m: Any, mem: Any) -> dict[str, Any]:
     }
 
 
-def device_dict(m: Any, dev: Any) -> dict[str, Any]:
+def device_dict(m: "Machine", dev: "HotplugDevice") -> dict[str, Any]:
     return {
         "id": dev.id,
         "driver": dev.driver,
@@ -75,7 +79,7 @@ def device_dict(m: Any, dev: Any) -> dict[str, Any]:
     }
 
 
-def snapshot(m: Any, **extra: Any) -> dict[str, Any]:
+def snapshot(m: "Machine", **extra: Any) -> dict[str, Any]:
     """Everything `memfs status` shows, taken under the hotplug lock."""
     with m.lock:
         nodes = []
