@@ -1,4 +1,4 @@
-"""The page-cache fast path (memfs/fuse.py, issue 9): never a stale read, no upcall for an
+"""The page-cache fast path (memfs/fuse.py, `memfs mount --page-cache`): never a stale read, no upcall for an
 unchanged attribute, and no deadlock between writes and the invalidations they cause.
 
 The daemon side runs in this process (tests.support.fuse's thread mode) with the same wiring as

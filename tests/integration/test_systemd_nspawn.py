@@ -11,8 +11,8 @@ $MEMFS_NSPAWN_CACHE (default /var/tmp/memfs-nspawn) and booted read-only with a 
 overlay (--volatile=overlay), so every run starts from the same clean root. The container
 has no network: memfs, fusepy and psutil go in as wheels built outside. The flags that make
 systemd enforce DevicePolicy inside (unified cgroup hierarchy, CAP_BPF, CAP_PERFMON,
-CAP_NET_ADMIN, the bpf system call) are those of issue 13. The test skips, saying why,
-where no container can boot.
+CAP_NET_ADMIN, the bpf system call) are set below: without them DevicePolicy is silently
+not enforced. The test skips, saying why, where no container can boot.
 """
 from __future__ import annotations
 
