@@ -53,6 +53,15 @@ def memfs_cli(*args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | No
                           stdin=subprocess.DEVNULL)
 
 
+def mount_log(mnt: str | os.PathLike[str]) -> str:
+    """The daemon log of the memfs at ``mnt`` (its run directory's ``.log``), or ""."""
+    for d in control.run_dirs():
+        p = control.paths_in(d, mnt)["log"]
+        if os.path.exists(p):
+            return Path(p).read_text(errors="replace")
+    return ""
+
+
 class MemfsMount:
     """A running memfs: ``path`` (the sysroot), ``pid`` of its daemon, helpers to drive it."""
 
@@ -92,11 +101,7 @@ class MemfsMount:
         return self.call("status")["status"]
 
     def log(self) -> str:
-        for d in control.run_dirs():
-            p = control.paths_in(d, self.path)["log"]
-            if os.path.exists(p):
-                return Path(p).read_text(errors="replace")
-        return ""
+        return mount_log(self.path)
 
     def alive(self) -> bool:
         return not _pid_gone(self.pid)

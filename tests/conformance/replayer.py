@@ -134,7 +134,7 @@ class Replayer:
         return []
 
     # -------------------------------------------------------------- comparison
-    def check(self, dump: Dump, prev: Dump | None) -> list[str]:
+    def check(self, dump: Dump) -> list[str]:
         diffs: list[str] = []
         m = self.machine
         want = set(dump.blocks)
@@ -212,3 +212,21 @@ class Replayer:
             if k != g:
                 return [f"uevent SEQNUM steps: kernel {k}, memfs {g}"]
         return []
+
+
+def replay(trace: Trace, check: bool = True) -> tuple[Replayer, list[str], list[tuple[Dump, int]]]:
+    """Run the whole trace through a fresh Replayer: (replayer, differences found at every
+    dump unless ``check`` is False, [(dump, memfs MemFree in kB)])."""
+    r = Replayer(trace)
+    problems: list[str] = []
+    free: list[tuple[Dump, int]] = []
+    for actions, dump in trace.segments():
+        for step in actions:
+            problems += [f"before dump {dump.step}: {d}" for d in r.apply(step)]
+        if check:
+            problems += [f"dump {dump.step} ({dump.label}): {d}" for d in r.check(dump)]
+        free.append((dump, r.machine.meminfo()["MemFree"]))
+    for step in trace.trailing_steps():
+        problems += r.apply(step)
+    return r, problems, free
+

@@ -14,30 +14,15 @@ import errno
 
 import pytest
 
-from .replayer import Replayer
-from .traces import Dump, Write, load_trace
+from .replayer import Replayer, replay
+from .traces import Write, load_trace
 
 KERNEL = "arm64-6.1"
 
 
-def replay(name: str) -> tuple[Replayer, list[str]]:
-    trace = load_trace(name, kernel=KERNEL)
-    r = Replayer(trace)
-    problems: list[str] = []
-    prev: Dump | None = None
-    for actions, dump in trace.segments():
-        for step in actions:
-            problems += [f"before dump {dump.step}: {d}" for d in r.apply(step)]
-        problems += [f"dump {dump.step} ({dump.label}): {d}" for d in r.check(dump, prev)]
-        prev = dump
-    for step in trace.trailing_steps():
-        problems += r.apply(step)
-    return r, problems
-
-
 @pytest.mark.parametrize("name", ["a_memmap_on", "b_memmap_off"])
 def test_arm64_trace_replays_exactly(name):
-    r, problems = replay(name)
+    r, problems, _ = replay(load_trace(name, kernel=KERNEL))
     assert not problems, "\n".join(problems)
     assert r.pinned == []  # every EBUSY came from the description, none was pinned
 

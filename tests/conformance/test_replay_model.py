@@ -19,29 +19,13 @@ from __future__ import annotations
 
 import pytest
 
-from .replayer import Replayer
-from .traces import Dump, Trace, load_trace
+from .replayer import Replayer, replay
+from .traces import load_trace
 
 #: (kernel, scenario) of every x86 trace replayed here
 TRACES = [("6.1", "a_memmap_on"), ("6.1", "b_memmap_off"), ("6.1", "g_memmap_force"),
           ("6.12", "a_memmap_on"), ("6.12", "b_memmap_off"), ("6.12", "g_memmap_force"),
           ("7.2", "a_memmap_on"), ("7.2", "b_memmap_off"), ("7.2", "g_memmap_force")]
-
-
-def replay(trace: Trace, check: bool = True) -> tuple[Replayer, list[str], list[tuple[Dump, int]]]:
-    """Run the whole trace; (replayer, differences, [(dump, memfs MemFree in kB)])."""
-    r = Replayer(trace)
-    problems: list[str] = []
-    free: list[tuple[Dump, int]] = []
-    for actions, dump in trace.segments():
-        for step in actions:
-            problems += [f"before dump {dump.step}: {d}" for d in r.apply(step)]
-        if check:
-            problems += [f"dump {dump.step} ({dump.label}): {d}" for d in r.check(dump, None)]
-        free.append((dump, r.machine.meminfo()["MemFree"]))
-    for step in trace.trailing_steps():
-        problems += r.apply(step)
-    return r, problems, free
 
 
 #: differences the model cannot have: 7.2.13 booted with "memory_hotplug.memmap_on_memory=force"

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-
 import contextlib
 import errno
 import json
@@ -31,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 from memfs import control
 from memfs.pytest_plugin import _cleanup, _pid_gone, fuse_unavailable, memfs_cli
+from memfs.testing.mount import mount_log
 
 FIGURES: dict[str, int] = {}
 
@@ -92,11 +92,7 @@ class Daemon:
         return self.call("state", digest=True)["digest"]
 
     def log(self) -> str:
-        for d in control.run_dirs():
-            p = control.paths_in(d, self.path)["log"]
-            if os.path.exists(p):
-                return Path(p).read_text(errors="replace")
-        return ""
+        return mount_log(self.path)
 
     def kill(self) -> None:
         """SIGKILL our daemon; the dead mount stays (ENOTCONN)."""
